@@ -1,0 +1,55 @@
+# The disposition service. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+BUILD := build
+GEN := $(BUILD)/gen
+DEPS := $(BUILD)/proto-deps
+DESCRIPTOR := $(BUILD)/disposition.pb
+BUF := $(BUILD)/node/node_modules/.bin/buf
+PROTOS := $(shell find proto -name '*.proto' | sort)
+STAMP := $(VENV)/.installed
+
+export HTTP_PORT ?= 8080
+export GRPC_PORT ?= 50051
+export ENVOY_ADMIN_PORT ?= 9901
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The generated package is mapped into build/gen (see pyproject.toml); it must exist to install.
+	mkdir -p $(GEN)/disposition
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+.PHONY: install
+install: $(STAMP) gen ## Create .venv and install the service and its tools
+
+$(DEPS)/.copied: $(STAMP)
+	mkdir -p $(DEPS)/google/api $(DEPS)/google/rpc
+	site=$$($(PY) -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))'); \
+	cp $$site/google/api/annotations.proto $$site/google/api/http.proto $(DEPS)/google/api/; \
+	cp $$site/google/rpc/status.proto $$site/google/rpc/error_details.proto $(DEPS)/google/rpc/
+	touch $@
+
+$(GEN)/.generated: $(PROTOS) $(DEPS)/.copied
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iproto -I$(DEPS) --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	find $(GEN) -type d -exec touch {}/__init__.py \;
+	rm -f $(GEN)/__init__.py
+	$(PY) -m grpc_tools.protoc -Iproto -I$(DEPS) --include_imports --include_source_info \
+	  --descriptor_set_out=$(DESCRIPTOR) $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
+	touch $@
+
+.PHONY: gen
+gen: $(GEN)/.generated ## Generate Python code and Envoy's descriptor set from proto/
