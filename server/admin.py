@@ -1,0 +1,243 @@
+"""`disposition-admin`: manage partners, credentials and tenant grants.
+
+Works against the database of a running stack (reads DATABASE_URL); changes take
+effect on the next request, with no restart. Output is JSON on stdout; errors go
+to stderr. Exit codes: 0 done, 1 unexpected failure, 2 bad usage,
+3 no such partner or grant, 4 already exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.db import Database
+from server.domain import partners
+from server.settings import Settings, SettingsError
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 1, 2, 3, 4
+
+Command = Callable[[Database, argparse.Namespace], Awaitable[Any]]
+
+
+def _text(name: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if not value.strip() or len(value) > 255:
+            raise argparse.ArgumentTypeError(f"{name} must be 1 to 255 characters, not blank")
+        return value
+
+    return parse
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+async def _create(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    issued = await partners.create_partner(
+        db, partner_id=args.partner_id, name=args.name, rate_limit_per_minute=args.rate_limit
+    )
+    return {
+        "partner_id": issued.partner_id,
+        "api_key": issued.api_key,
+        "api_secret": issued.api_secret,
+    }
+
+
+async def _rotate(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    issued = await partners.rotate_secret(db, partner_id=args.partner_id)
+    return {
+        "partner_id": issued.partner_id,
+        "api_key": issued.api_key,
+        "api_secret": issued.api_secret,
+    }
+
+
+async def _list(db: Database, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [
+        {
+            "partner_id": partner.partner_id,
+            "name": partner.name,
+            "enabled": partner.enabled,
+            "rate_limit_per_minute": partner.rate_limit_per_minute,
+            "grants": [{"tenant_id": t, "sub_tenant_id": s} for t, s in grants],
+        }
+        for partner, grants in await partners.describe(db)
+    ]
+
+
+async def _set_enabled(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    await partners.set_enabled(db, partner_id=args.partner_id, enabled=args.enabled)
+    return {"partner_id": args.partner_id, "enabled": args.enabled}
+
+
+async def _set_rate_limit(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    await partners.set_rate_limit(db, partner_id=args.partner_id, per_minute=args.per_minute)
+    return {"partner_id": args.partner_id, "rate_limit_per_minute": args.per_minute}
+
+
+async def _grant(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    created = await partners.grant(
+        db, partner_id=args.partner_id, tenant_id=args.tenant_id, sub_tenant_id=args.sub_tenant_id
+    )
+    return _grant_result(args, granted=True, changed=created)
+
+
+async def _revoke(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    removed = await partners.revoke(
+        db, partner_id=args.partner_id, tenant_id=args.tenant_id, sub_tenant_id=args.sub_tenant_id
+    )
+    if not removed:
+        raise LookupError(
+            f"partner {args.partner_id!r} has no grant for tenant {args.tenant_id!r}, "
+            f"sub-tenant {args.sub_tenant_id!r}"
+        )
+    return _grant_result(args, granted=False, changed=True)
+
+
+def _grant_result(args: argparse.Namespace, *, granted: bool, changed: bool) -> dict[str, Any]:
+    return {
+        "partner_id": args.partner_id,
+        "tenant_id": args.tenant_id,
+        "sub_tenant_id": args.sub_tenant_id,
+        "granted": granted,
+        "changed": changed,
+    }
+
+
+async def _init_db(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    await db.create_schema()
+    return {"schema": "ready"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disposition-admin",
+        description="Manage partners, credentials and tenant grants (reads DATABASE_URL).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        parent: Any, name: str, run: Command, help_text: str, **defaults: Any
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_text, description=help_text
+        )
+        sub.set_defaults(run=run, **defaults)
+        return sub
+
+    def partner_arg(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--partner-id", required=True, type=_text("--partner-id"))
+
+    def grant_args(sub: argparse.ArgumentParser) -> None:
+        partner_arg(sub)
+        sub.add_argument(
+            "--tenant-id", required=True, type=_text("--tenant-id"), help="'*' = every tenant"
+        )
+        sub.add_argument(
+            "--sub-tenant-id",
+            required=True,
+            type=_text("--sub-tenant-id"),
+            help="'*' = every sub-tenant",
+        )
+
+    partner = commands.add_parser("partner", help="create, list, rotate-secret, disable, enable")
+    partner_commands = partner.add_subparsers(
+        dest="partner_command", required=True, metavar="ACTION"
+    )
+    create = command(
+        partner_commands, "create", _create, "Onboard a partner; prints its key and secret once."
+    )
+    partner_arg(create)
+    create.add_argument("--name", required=True, type=_text("--name"))
+    create.add_argument("--rate-limit-per-minute", dest="rate_limit", type=_positive)
+    command(partner_commands, "list", _list, "List partners and their grants (no secrets).")
+    partner_arg(
+        command(
+            partner_commands,
+            "rotate-secret",
+            _rotate,
+            "Revoke the partner's credentials and issue new ones.",
+        )
+    )
+    partner_arg(
+        command(
+            partner_commands,
+            "disable",
+            _set_enabled,
+            "Refuse every request of the partner.",
+            enabled=False,
+        )
+    )
+    partner_arg(
+        command(
+            partner_commands,
+            "enable",
+            _set_enabled,
+            "Accept the partner's requests again.",
+            enabled=True,
+        )
+    )
+    limit = command(
+        partner_commands,
+        "set-rate-limit",
+        _set_rate_limit,
+        "Set the partner's requests per minute.",
+    )
+    partner_arg(limit)
+    limit.add_argument("--per-minute", required=True, type=_positive)
+
+    grant_args(command(commands, "grant", _grant, "Let a partner act for a tenant and sub-tenant."))
+    grant_args(command(commands, "revoke", _revoke, "Withdraw a tenant grant."))
+    command(commands, "list", _list, "List partners and their grants (same as 'partner list').")
+    command(commands, "init-db", _init_db, "Create the schema if it does not exist.")
+    return parser
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> Any:
+    db = Database(settings)
+    try:
+        if args.run is not _init_db:
+            await db.create_schema()
+        return await args.run(db, args)
+    finally:
+        await db.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    try:
+        result = asyncio.run(_run(args, settings))
+    except partners.PartnerExists as exc:
+        return _fail(f"partner {exc.args[0]!r} already exists", EXIT_EXISTS)
+    except partners.UnknownPartner as exc:
+        return _fail(f"no partner {exc.args[0]!r}", EXIT_NOT_FOUND)
+    except LookupError as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND)
+    except Exception as exc:
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"disposition-admin: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Who may call: authentication of a partner and its grant for a tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.db import Database
+from server.domain.credentials import secret_matches
+from server.errors import Forbidden, SubTenantIdRequired, TenantIdRequired
+from server.storage import partners
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated partner."""
+
+    partner_pk: int
+    partner_id: str
+    rate_limit_per_minute: int | None
+
+
+async def authenticate(
+    db: Database, *, api_key: str | None, api_secret: str | None, partner_id: str | None
+) -> Principal:
+    """Check the key and secret; a sent `x-partner-id` must name the key's partner."""
+    if not api_key or not api_secret:
+        raise Forbidden()
+    async with db.read() as conn:
+        record = await partners.find_active_credential(conn, api_key=api_key)
+    if record is None or not secret_matches(api_secret, record.secret_sha256):
+        raise Forbidden()
+    if not record.enabled or (partner_id is not None and partner_id != record.partner_id):
+        raise Forbidden()
+    return Principal(record.partner_pk, record.partner_id, record.rate_limit_per_minute)
+
+
+def require_tenant(tenant_id: str | None, sub_tenant_id: str | None) -> tuple[str, str]:
+    """Both tenant headers must be present and not blank."""
+    if tenant_id is None or not tenant_id.strip():
+        raise TenantIdRequired()
+    if sub_tenant_id is None or not sub_tenant_id.strip():
+        raise SubTenantIdRequired()
+    return tenant_id, sub_tenant_id
+
+
+async def authorize_tenant(
+    db: Database, *, principal: Principal, tenant_id: str, sub_tenant_id: str
+) -> None:
+    """The partner must hold a grant for this tenant and sub-tenant."""
+    async with db.read() as conn:
+        granted = await partners.has_grant(
+            conn, partner_pk=principal.partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+        )
+    if not granted:
+        raise Forbidden()

@@ -1,0 +1,60 @@
+"""Updating a customer's disposition status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from server import context
+from server.db import Database
+from server.domain import validation
+from server.errors import CustomerNotFound, ValidationFailed
+from server.storage import customers
+from server.storage.customers import StatusChange
+
+SOURCE_UPDATE = "disposition_update"
+
+
+def validate_update(customer_id: str, disposition_status: str | None) -> None:
+    violations: validation.Violations = []
+    validation.required_text(violations, "customer_id", customer_id)
+    validation.disposition_status(violations, "disposition_status", disposition_status)
+    if violations:
+        raise ValidationFailed(violations)
+
+
+async def update_disposition_status(
+    db: Database, *, customer_id: str, disposition_status: str | None
+) -> bool:
+    """Apply one update for the caller's tenant; True if the status changed.
+
+    None leaves the status as it is, "" clears it, anything else sets it. A real
+    change and its history row commit together before this returns.
+    """
+    validate_update(customer_id, disposition_status)
+    ctx = context.get()
+    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
+    assert ctx.partner_pk is not None
+    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
+    if disposition_status is None:
+        async with db.read() as conn:
+            found = await customers.lock_customer(conn, customer_id=customer_id, **scope)
+        if found is None:
+            raise CustomerNotFound(customer_id)
+        return False
+    new_status = disposition_status or None
+    async with db.write() as conn:
+        state = await customers.lock_customer(conn, customer_id=customer_id, **scope)
+        if state is None:
+            raise CustomerNotFound(customer_id)
+        if state.disposition_status == new_status:
+            return False
+        await customers.apply_status_changes(
+            conn,
+            changes=[StatusChange(state.pk, state.disposition_status, new_status)],
+            source=SOURCE_UPDATE,
+            partner_pk=ctx.partner_pk,
+            request_id=ctx.request_id,
+            now=datetime.now(UTC),
+            **scope,
+        )
+    return True

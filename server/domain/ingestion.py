@@ -1,0 +1,258 @@
+"""Batch call ingestion: stores calls and creates (or refreshes) their customers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from server import context
+from server.db import Database
+from server.domain import validation
+from server.errors import ValidationFailed
+from server.storage import calls, customers
+from server.storage.customers import StatusChange
+
+MAX_BATCH = 1000
+SOURCE_BATCH_CALL = "batch_call"
+
+
+@dataclass(frozen=True, slots=True)
+class CallInput:
+    id: str
+    recording_url: str
+    start_time: str
+    end_time: str
+    contact_number: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInput:
+    id: str
+    email: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerInput:
+    id: str
+    name: str = ""
+    email: str = ""
+    disposition_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    call: CallInput | None
+    agent: AgentInput | None
+    customer: CustomerInput | None
+    callback_url: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    custom_fields: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    index: int
+    call_id: str
+    customer_id: str
+    status: str  # "created" or "duplicate"
+    customer_created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    items: list[ItemOutcome]
+
+    def count(self, status: str) -> int:
+        return sum(1 for item in self.items if item.status == status)
+
+    @property
+    def created_customers(self) -> int:
+        return sum(1 for item in self.items if item.customer_created)
+
+
+def validate_batch(items: Sequence[BatchItem]) -> list[tuple[datetime, datetime]]:
+    """Every problem of every item, or the parsed (start, end) times of each item."""
+    out: validation.Violations = []
+    if not items:
+        raise ValidationFailed([("data", "data should not be empty")])
+    if len(items) > MAX_BATCH:
+        raise ValidationFailed([("data", f"data must contain no more than {MAX_BATCH} elements")])
+    times: list[tuple[datetime, datetime]] = []
+    seen_calls: set[str] = set()
+    for index, item in enumerate(items):
+        times.append(_validate_item(out, f"data[{index}]", item, seen_calls))
+    if out:
+        raise ValidationFailed(out)
+    return times
+
+
+def _validate_item(
+    out: validation.Violations, at: str, item: BatchItem, seen_calls: set[str]
+) -> tuple[datetime, datetime]:
+    start = end = datetime.min.replace(tzinfo=UTC)
+    if item.call is None:
+        out.append((f"{at}.call", f"{at}.call should not be empty"))
+    else:
+        call = item.call
+        if validation.required_text(out, f"{at}.call.id", call.id):
+            if call.id in seen_calls:
+                out.append((f"{at}.call.id", f"{at}.call.id must be unique within the batch"))
+            seen_calls.add(call.id)
+        validation.recording_url(out, f"{at}.call.recording_url", call.recording_url)
+        parsed_start = validation.utc_timestamp(out, f"{at}.call.start_time", call.start_time)
+        parsed_end = validation.utc_timestamp(out, f"{at}.call.end_time", call.end_time)
+        if parsed_start and parsed_end:
+            start, end = parsed_start, parsed_end
+            if end <= start:
+                out.append(
+                    (
+                        f"{at}.call.end_time",
+                        f"{at}.call.end_time must be after {at}.call.start_time",
+                    )
+                )
+        validation.e164(out, f"{at}.call.contact_number", call.contact_number)
+    if item.agent is None:
+        out.append((f"{at}.agent", f"{at}.agent should not be empty"))
+    else:
+        validation.required_text(out, f"{at}.agent.id", item.agent.id)
+        validation.optional_email(out, f"{at}.agent.email", item.agent.email)
+        validation.optional_text(out, f"{at}.agent.name", item.agent.name)
+    if item.customer is None:
+        out.append((f"{at}.customer", f"{at}.customer should not be empty"))
+    else:
+        validation.required_text(out, f"{at}.customer.id", item.customer.id)
+        validation.optional_text(out, f"{at}.customer.name", item.customer.name)
+        validation.optional_email(out, f"{at}.customer.email", item.customer.email)
+        validation.disposition_status(
+            out, f"{at}.customer.disposition_status", item.customer.disposition_status
+        )
+    validation.optional_url(out, f"{at}.callback_url", item.callback_url)
+    for key, value in item.metadata.items():
+        validation.required_text(out, f"{at}.metadata", key)
+        validation.optional_text(out, f"{at}.metadata.{key}", value, max_length=2048)
+    for position, (name, value) in enumerate(item.custom_fields):
+        where = f"{at}.custom_fields[{position}]"
+        validation.required_text(out, f"{where}.internal_name", name)
+        validation.optional_text(out, f"{where}.value", value, max_length=2048)
+    return start, end
+
+
+async def ingest_batch(db: Database, *, items: Sequence[BatchItem]) -> BatchOutcome:
+    """Validate everything, then store every new call in one transaction."""
+    times = validate_batch(items)
+    ctx = context.get()
+    assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
+    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
+    now = datetime.now(UTC)
+    async with db.write() as conn:
+        duplicates = await calls.existing_call_ids(
+            conn, partner_pk=ctx.partner_pk, call_ids=[item.call.id for item in items if item.call]
+        )
+        fresh = [
+            (index, item)
+            for index, item in enumerate(items)
+            if item.call is not None and item.call.id not in duplicates
+        ]
+        wanted = [item.customer.id for _, item in fresh if item.customer]
+        known = await customers.lock_customers(conn, customer_ids=wanted, **scope)
+        profiles: dict[str, tuple[str | None, str | None]] = {}
+        for _, item in fresh:
+            assert item.customer is not None
+            profiles[item.customer.id] = (item.customer.name or None, item.customer.email or None)
+        missing = [(cid, *profile) for cid, profile in profiles.items() if cid not in known]
+        keys = {cid: state.pk for cid, state in known.items()}
+        keys.update(await customers.insert_customers(conn, customers=missing, now=now, **scope))
+        for cid, (name, email) in profiles.items():
+            if cid in known and (name or email):
+                await customers.update_profile(
+                    conn, customer_pk=keys[cid], name=name, email=email, now=now
+                )
+        changes = _status_changes(fresh, keys, known)
+        await calls.insert_calls(
+            conn,
+            rows=[
+                _call_row(item, keys, times[index], ctx.partner_pk, ctx.request_id, now, scope)
+                for index, item in fresh
+            ],
+        )
+        await customers.apply_status_changes(
+            conn,
+            changes=changes,
+            source=SOURCE_BATCH_CALL,
+            partner_pk=ctx.partner_pk,
+            request_id=ctx.request_id,
+            now=now,
+            **scope,
+        )
+    created_customers = {cid for cid, _, _ in missing}
+    outcomes: list[ItemOutcome] = []
+    for index, item in enumerate(items):
+        assert item.call is not None and item.customer is not None
+        is_new = item.call.id not in duplicates
+        first_sight = is_new and item.customer.id in created_customers
+        if first_sight:
+            created_customers.discard(item.customer.id)
+        outcomes.append(
+            ItemOutcome(
+                index=index,
+                call_id=item.call.id,
+                customer_id=item.customer.id,
+                status="created" if is_new else "duplicate",
+                customer_created=first_sight,
+            )
+        )
+    return BatchOutcome(outcomes)
+
+
+def _status_changes(
+    fresh: Sequence[tuple[int, BatchItem]],
+    keys: dict[str, int],
+    known: dict[str, customers.CustomerState],
+) -> list[StatusChange]:
+    """Apply the items' statuses in order; one change per real transition."""
+    current = {cid: state.disposition_status for cid, state in known.items()}
+    changes: list[StatusChange] = []
+    for _, item in fresh:
+        assert item.customer is not None
+        wanted = item.customer.disposition_status
+        if wanted is None:
+            continue
+        new_status = wanted or None
+        previous = current.get(item.customer.id)
+        if new_status != previous:
+            changes.append(StatusChange(keys[item.customer.id], previous, new_status))
+            current[item.customer.id] = new_status
+    return changes
+
+
+def _call_row(
+    item: BatchItem,
+    keys: dict[str, int],
+    times: tuple[datetime, datetime],
+    partner_pk: int,
+    request_id: str,
+    now: datetime,
+    scope: dict[str, str],
+) -> dict[str, Any]:
+    assert item.call is not None and item.agent is not None and item.customer is not None
+    return {
+        "partner_pk": partner_pk,
+        "call_id": item.call.id,
+        "customer_pk": keys[item.customer.id],
+        "recording_url": item.call.recording_url,
+        "start_time": times[0],
+        "end_time": times[1],
+        "contact_number": item.call.contact_number,
+        "agent_id": item.agent.id,
+        "agent_email": item.agent.email or None,
+        "agent_name": item.agent.name or None,
+        "callback_url": item.callback_url or None,
+        "metadata": dict(item.metadata),
+        "custom_fields": [{"internal_name": n, "value": v} for n, v in item.custom_fields],
+        "request_id": request_id,
+        "created_at": now,
+        **scope,
+    }

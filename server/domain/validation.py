@@ -1,0 +1,100 @@
+"""Field rules. Each check appends (field, message) violations; nothing raises here."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+MAX_TEXT = 255
+MAX_URL = 2048
+
+Violations = list[tuple[str, str]]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+_AUDIO_SUFFIXES = (".mp3", ".wav", ".aac", ".m4a")
+
+
+def required_text(out: Violations, field: str, value: str, *, max_length: int = MAX_TEXT) -> bool:
+    """A non-blank string of at most max_length characters. True when valid."""
+    if not value.strip():
+        out.append((field, f"{field} should not be empty"))
+        return False
+    return optional_text(out, field, value, max_length=max_length)
+
+
+def optional_text(out: Violations, field: str, value: str, *, max_length: int = MAX_TEXT) -> bool:
+    """Any string (empty allowed) of at most max_length characters, no control characters."""
+    if len(value) > max_length:
+        out.append((field, f"{field} must be shorter than or equal to {max_length} characters"))
+        return False
+    if _CONTROL.search(value):
+        out.append((field, f"{field} must not contain control characters"))
+        return False
+    return True
+
+
+def disposition_status(out: Violations, field: str, value: str | None) -> None:
+    """Absent (unchanged), empty (cleared) or a non-blank status."""
+    if value is None or value == "":
+        return
+    if not value.strip():
+        out.append((field, f"{field} should not be blank; send an empty string to clear it"))
+        return
+    optional_text(out, field, value)
+
+
+def optional_email(out: Violations, field: str, value: str) -> None:
+    if value and (len(value) > 320 or not _EMAIL.match(value)):
+        out.append((field, f"{field} must be an email"))
+
+
+def optional_url(out: Violations, field: str, value: str) -> None:
+    if value and not is_http_url(value):
+        out.append((field, f"{field} must be a URL address"))
+
+
+def is_http_url(value: str) -> bool:
+    if len(value) > MAX_URL or _CONTROL.search(value) or " " in value:
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def recording_url(out: Violations, field: str, value: str) -> None:
+    if not value.strip():
+        out.append((field, f"{field} should not be empty"))
+    elif not is_http_url(value):
+        out.append((field, f"{field} must be a URL address"))
+    elif not urlsplit(value).path.lower().endswith(_AUDIO_SUFFIXES):
+        out.append((field, f"{field} must point to an MP3, WAV, AAC or M4A file"))
+
+
+def utc_timestamp(out: Violations, field: str, value: str) -> datetime | None:
+    """An ISO 8601 timestamp in UTC (`Z` or `+00:00`); returns it when valid."""
+    if not value.strip():
+        out.append((field, f"{field} should not be empty"))
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or "T" not in value.upper():
+        out.append((field, f"{field} must be a valid ISO 8601 date string"))
+        return None
+    if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
+        out.append((field, f"{field} must be in UTC (end with Z or +00:00)"))
+        return None
+    return parsed.astimezone(UTC)
+
+
+def e164(out: Violations, field: str, value: str) -> None:
+    if not value.strip():
+        out.append((field, f"{field} should not be empty"))
+    elif not _E164.match(value):
+        out.append((field, f"{field} must be a phone number in E.164 format, e.g. +14155550123"))

@@ -1,0 +1,136 @@
+"""The one error hierarchy of the service.
+
+Each class declares its gRPC code (as a `google.rpc.Code`, so that the domain
+never imports grpc), the HTTP status the gateway gives it, its documented
+message and the google.rpc details it carries. Handlers only raise; the
+request interceptor turns these into statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "disposition.v1"
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; unexpected errors become this (500)."""
+
+    code: ClassVar[int] = code_pb2.INTERNAL
+    http_status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "Internal server error"
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+    def details(self) -> list[any_pb2.Any]:
+        """google.rpc detail messages; every error carries an ErrorInfo."""
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
+        return [_pack(info)]
+
+    def to_status(self) -> status_pb2.Status:
+        return status_pb2.Status(code=self.code, message=self.message, details=self.details())
+
+
+class Forbidden(ServiceError):
+    """Credentials missing or wrong, partner disabled, or tenant not granted (403)."""
+
+    code = code_pb2.PERMISSION_DENIED
+    http_status = 403
+    default_message = "Forbidden"
+    reason = "FORBIDDEN"
+
+
+class BadRequest(ServiceError):
+    """A required request header is missing (400)."""
+
+    code = code_pb2.INVALID_ARGUMENT
+    http_status = 400
+    default_message = "Bad request"
+    reason = "BAD_REQUEST"
+
+
+class TenantIdRequired(BadRequest):
+    """`x-tenant-id` is missing or blank (400)."""
+
+    default_message = "Tenant ID is required"
+    reason = "TENANT_ID_REQUIRED"
+
+
+class SubTenantIdRequired(BadRequest):
+    """`x-sub-tenant-id` is missing or blank (400)."""
+
+    default_message = "Sub-Tenant ID is required"
+    reason = "SUB_TENANT_ID_REQUIRED"
+
+
+class ValidationFailed(ServiceError):
+    """The body breaks one or more field rules (422, with a BadRequest detail)."""
+
+    code = code_pb2.INVALID_ARGUMENT
+    http_status = 422
+    default_message = "Validation failed"
+    reason = "VALIDATION_FAILED"
+
+    def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
+        super().__init__()
+        self.violations = list(violations)
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+                for field, message in self.violations
+            ]
+        )
+        return [*super().details(), _pack(bad_request)]
+
+
+class CustomerNotFound(ServiceError):
+    """No customer with this id in the caller's tenant and sub-tenant (404)."""
+
+    code = code_pb2.NOT_FOUND
+    http_status = 404
+    default_message = "Customer not found"
+    reason = "CUSTOMER_NOT_FOUND"
+
+    def __init__(self, customer_id: str) -> None:
+        super().__init__()
+        self.customer_id = customer_id
+
+    def details(self) -> list[any_pb2.Any]:
+        resource = error_details_pb2.ResourceInfo(
+            resource_type="customer", resource_name=self.customer_id
+        )
+        return [*super().details(), _pack(resource)]
+
+
+class RateLimited(ServiceError):
+    """The partner used up its requests for the current window (429, with RetryInfo)."""
+
+    code = code_pb2.RESOURCE_EXHAUSTED
+    http_status = 429
+    default_message = "Rate limit exceeded. Try again in 60 seconds."
+    reason = "RATE_LIMIT_EXCEEDED"
+
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__()
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[any_pb2.Any]:
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=self.retry_after_seconds)
+        )
+        return [*super().details(), _pack(retry)]
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed

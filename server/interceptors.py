@@ -1,0 +1,196 @@
+"""Interceptors, outermost first: request id -> authentication -> tenant -> rate limit.
+
+The request-id interceptor also owns the one translation of errors into gRPC
+statuses: gates that refuse a call return a handler that raises their error,
+and handlers raise domain errors; both surface in `_translate_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server import context
+from server.context import RequestContext
+from server.db import Database
+from server.domain import access
+from server.domain.ratelimit import RateLimiter
+from server.errors import RateLimited, ServiceError
+
+log = logging.getLogger("disposition.rpc")
+
+# Infrastructure services stay reachable without credentials (grpcurl, load balancers).
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _headers(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """Invocation metadata as a dict; the first of repeated keys wins. Binary keys are dropped."""
+    headers: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            headers.setdefault(key, value)
+    return headers
+
+
+def _is_exempt(details: grpc.HandlerCallDetails) -> bool:
+    return details.method.startswith(EXEMPT_PREFIXES)
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Names every RPC (`x-request-id`, accepted or generated), logs it and maps its errors."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        headers = _headers(handler_call_details)
+        request_id = headers.get("x-request-id", "")
+        if not _REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        context.current.set(
+            RequestContext(
+                request_id=request_id, method=handler_call_details.method, headers=headers
+            )
+        )
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or _is_exempt(handler_call_details):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            _translate_errors(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _translate_errors(behavior: Behavior) -> Behavior:
+    async def wrapper(request: Any, rpc: grpc.aio.ServicerContext) -> Any:
+        ctx = context.get()
+        started = time.perf_counter()
+        error: ServiceError | None = None
+        try:
+            response = await behavior(request, rpc)
+        except ServiceError as exc:
+            error = exc
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": ctx.request_id})
+            error = ServiceError()
+        _log_rpc(ctx, "OK" if error is None else type(error).__name__, started)
+        if error is None:
+            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+            return response
+        await rpc.abort(
+            _STATUS_CODES[error.code],
+            error.message,
+            trailing_metadata=(
+                ("x-request-id", ctx.request_id),
+                ("grpc-status-details-bin", error.to_status().SerializeToString()),
+            ),
+        )
+
+    return wrapper
+
+
+def _log_rpc(ctx: RequestContext, outcome: str, started: float) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "rpc",
+            extra={
+                "request_id": ctx.request_id,
+                "method": ctx.method,
+                "partner_id": ctx.partner_id,
+                "tenant_id": ctx.tenant_id,
+                "sub_tenant_id": ctx.sub_tenant_id,
+                "outcome": outcome,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+
+
+def _refusal(error: ServiceError) -> grpc.RpcMethodHandler:
+    async def refuse(_request: Any, _rpc: grpc.aio.ServicerContext) -> Any:
+        raise error
+
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class _Gate(grpc.aio.ServerInterceptor):
+    """An interceptor that lets a call pass or refuses it with a ServiceError."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        if _is_exempt(handler_call_details):
+            return await continuation(handler_call_details)
+        try:
+            await self.check(context.get())
+        except ServiceError as error:
+            return _refusal(error)
+        return await continuation(handler_call_details)
+
+    async def check(self, ctx: RequestContext) -> None:
+        raise NotImplementedError
+
+
+class AuthInterceptor(_Gate):
+    """`x-api-key` + `x-api-secret` (and `x-partner-id` when sent) must be a live credential."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def check(self, ctx: RequestContext) -> None:
+        principal = await access.authenticate(
+            self.db,
+            api_key=ctx.headers.get("x-api-key"),
+            api_secret=ctx.headers.get("x-api-secret"),
+            partner_id=ctx.headers.get("x-partner-id"),
+        )
+        ctx.partner_pk = principal.partner_pk
+        ctx.partner_id = principal.partner_id
+        ctx.rate_limit_per_minute = principal.rate_limit_per_minute
+
+
+class TenantInterceptor(_Gate):
+    """Both tenant headers are required, and the partner must be granted them."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def check(self, ctx: RequestContext) -> None:
+        tenant_id, sub_tenant_id = access.require_tenant(
+            ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")
+        )
+        assert ctx.partner_pk is not None and ctx.partner_id is not None
+        principal = access.Principal(ctx.partner_pk, ctx.partner_id, ctx.rate_limit_per_minute)
+        await access.authorize_tenant(
+            self.db, principal=principal, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+        )
+        ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
+
+
+class RateLimitInterceptor(_Gate):
+    """Per partner: its own limit if set, else the default, per 60-second window."""
+
+    def __init__(self, limiter: RateLimiter, default_per_minute: int) -> None:
+        self.limiter = limiter
+        self.default_per_minute = default_per_minute
+
+    async def check(self, ctx: RequestContext) -> None:
+        assert ctx.partner_id is not None
+        limit = ctx.rate_limit_per_minute or self.default_per_minute
+        retry_after = await self.limiter.hit(ctx.partner_id, limit)
+        if retry_after is not None:
+            raise RateLimited(retry_after)

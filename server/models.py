@@ -1,0 +1,126 @@
+"""The schema: SQLAlchemy 2 declarative models (used for DDL and Core statements)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Partner(Base):
+    """A partner organisation (dialer, CRM, internal service) that calls the API."""
+
+    __tablename__ = "partners"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    partner_id: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Credential(Base):
+    """An API key and the SHA-256 of its secret; revoked keys are kept for audit."""
+
+    __tablename__ = "partner_credentials"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"), index=True)
+    api_key: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TenantGrant(Base):
+    """Lets a partner act for a tenant and sub-tenant (`*` stands for every one)."""
+
+    __tablename__ = "tenant_grants"
+    __table_args__ = (UniqueConstraint("partner_pk", "tenant_id", "sub_tenant_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Customer(Base):
+    """A customer of a tenant's sub-tenant, with its current disposition status."""
+
+    __tablename__ = "customers"
+    __table_args__ = (UniqueConstraint("tenant_id", "sub_tenant_id", "customer_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    customer_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    disposition_status: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Call(Base):
+    """A call ingested through the batch-call API; `call_id` is unique per partner."""
+
+    __tablename__ = "calls"
+    __table_args__ = (UniqueConstraint("partner_pk", "call_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
+    call_id: Mapped[str] = mapped_column(String(255))
+    customer_pk: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    recording_url: Mapped[str] = mapped_column(Text)
+    start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    end_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    contact_number: Mapped[str] = mapped_column(String(16))
+    agent_id: Mapped[str] = mapped_column(String(255))
+    agent_email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    agent_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    call_metadata: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
+    custom_fields: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    request_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DispositionHistory(Base):
+    """Append-only: one row per real change of a customer's disposition status."""
+
+    __tablename__ = "disposition_history"
+    __table_args__ = (Index("ix_history_customer", "customer_pk", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_pk: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    previous_status: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    new_status: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    source: Mapped[str] = mapped_column(String(32))
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
+    request_id: Mapped[str] = mapped_column(String(128))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,83 @@
+"""Typed configuration, built once at start-up from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/disposition.db"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, malformed or unsafe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server reads from its environment."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    rate_limit_per_minute: int = 120
+    sqlite_synchronous: str = "FULL"
+    shutdown_grace_seconds: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    log_level: str = "INFO"
+    environment: str = "development"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        settings = cls(
+            database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+            grpc_host=env.get("GRPC_HOST", "127.0.0.1"),
+            grpc_port=_int(env, "GRPC_PORT", 50051, minimum=0),
+            rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 120, minimum=1),
+            sqlite_synchronous=env.get("SQLITE_SYNCHRONOUS", "FULL").upper(),
+            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "10")),
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            environment=env.get("DISPOSITION_ENV", "development"),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values that would make the service unsafe or unusable."""
+        if self.sqlite_synchronous not in {"FULL", "EXTRA", "NORMAL"}:
+            raise SettingsError(
+                "SQLITE_SYNCHRONOUS must be FULL, EXTRA or NORMAL "
+                "(OFF could lose acknowledged writes)"
+            )
+        if self.environment == "production" and self.sqlite_synchronous == "NORMAL":
+            raise SettingsError("SQLITE_SYNCHRONOUS=NORMAL is not allowed in production")
+        if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise SettingsError(
+                "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def sqlite_path(self) -> Path | None:
+        """The database file of a SQLite URL (None for PostgreSQL or in-memory)."""
+        if not self.is_sqlite:
+            return None
+        path = self.database_url.split(":///", 1)[1]
+        return None if path in ("", ":memory:") else Path(path)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value

@@ -1,0 +1,163 @@
+"""Customers, their current disposition status and its append-only history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.models import Customer, DispositionHistory
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerState:
+    pk: int
+    customer_id: str
+    disposition_status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """One history row to append."""
+
+    customer_pk: int
+    previous_status: str | None
+    new_status: str | None
+
+
+async def lock_customer(
+    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_id: str
+) -> CustomerState | None:
+    """Read a customer for update: its row stays locked until the transaction ends.
+
+    (PostgreSQL: SELECT ... FOR UPDATE. SQLite: the writer's BEGIN IMMEDIATE already
+    holds the database's write lock.)
+    """
+    stmt = (
+        select(Customer.id, Customer.customer_id, Customer.disposition_status)
+        .where(
+            Customer.tenant_id == tenant_id,
+            Customer.sub_tenant_id == sub_tenant_id,
+            Customer.customer_id == customer_id,
+        )
+        .with_for_update()
+    )
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else CustomerState(*row)
+
+
+async def lock_customers(
+    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_ids: Sequence[str]
+) -> dict[str, CustomerState]:
+    """Like lock_customer for many ids at once; missing ids are absent from the result."""
+    found: dict[str, CustomerState] = {}
+    unique = sorted(set(customer_ids))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        stmt = (
+            select(Customer.id, Customer.customer_id, Customer.disposition_status)
+            .where(
+                Customer.tenant_id == tenant_id,
+                Customer.sub_tenant_id == sub_tenant_id,
+                Customer.customer_id.in_(chunk),
+            )
+            .order_by(Customer.id)
+            .with_for_update()
+        )
+        for row in await conn.execute(stmt):
+            found[row.customer_id] = CustomerState(*row)
+    return found
+
+
+async def insert_customers(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    sub_tenant_id: str,
+    customers: Sequence[tuple[str, str | None, str | None]],
+    now: datetime,
+) -> dict[str, int]:
+    """Insert (customer_id, name, email) rows without a status; returns their primary keys."""
+    if not customers:
+        return {}
+    await conn.execute(
+        Customer.__table__.insert(),
+        [
+            {
+                "tenant_id": tenant_id,
+                "sub_tenant_id": sub_tenant_id,
+                "customer_id": customer_id,
+                "name": name,
+                "email": email,
+                "disposition_status": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for customer_id, name, email in customers
+        ],
+    )
+    ids = [customer_id for customer_id, _, _ in customers]
+    keys: dict[str, int] = {}
+    for start in range(0, len(ids), 500):
+        rows = await conn.execute(
+            select(Customer.customer_id, Customer.id).where(
+                tuple_(Customer.tenant_id, Customer.sub_tenant_id) == (tenant_id, sub_tenant_id),
+                Customer.customer_id.in_(ids[start : start + 500]),
+            )
+        )
+        keys.update({customer_id: pk for customer_id, pk in rows})
+    return keys
+
+
+async def update_profile(
+    conn: AsyncConnection, *, customer_pk: int, name: str | None, email: str | None, now: datetime
+) -> None:
+    """Refresh name and email from a newer call (None leaves a field as it is)."""
+    values: dict[str, object] = {"updated_at": now}
+    if name is not None:
+        values["name"] = name
+    if email is not None:
+        values["email"] = email
+    await conn.execute(update(Customer).where(Customer.id == customer_pk).values(**values))
+
+
+async def apply_status_changes(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    sub_tenant_id: str,
+    changes: Sequence[StatusChange],
+    source: str,
+    partner_pk: int,
+    request_id: str,
+    now: datetime,
+) -> None:
+    """Set each customer's new status and append one history row per change."""
+    if not changes:
+        return
+    await conn.execute(
+        update(Customer)
+        .where(Customer.id == bindparam("customer_pk"))
+        .values(disposition_status=bindparam("new_status"), updated_at=now),
+        [{"customer_pk": c.customer_pk, "new_status": c.new_status} for c in changes],
+    )
+    await conn.execute(
+        DispositionHistory.__table__.insert(),
+        [
+            {
+                "customer_pk": c.customer_pk,
+                "tenant_id": tenant_id,
+                "sub_tenant_id": sub_tenant_id,
+                "previous_status": c.previous_status,
+                "new_status": c.new_status,
+                "source": source,
+                "partner_pk": partner_pk,
+                "request_id": request_id,
+                "changed_at": now,
+            }
+            for c in changes
+        ],
+    )

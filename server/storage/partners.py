@@ -1,0 +1,195 @@
+"""Partners, their credentials and their tenant grants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.models import Credential, Partner, TenantGrant
+
+WILDCARD = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    partner_pk: int
+    partner_id: str
+    enabled: bool
+    rate_limit_per_minute: int | None
+    secret_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerRecord:
+    pk: int
+    partner_id: str
+    name: str
+    enabled: bool
+    rate_limit_per_minute: int | None
+    created_at: datetime
+
+
+async def find_active_credential(conn: AsyncConnection, *, api_key: str) -> CredentialRecord | None:
+    """The unrevoked credential with this key and its partner, if any."""
+    stmt = (
+        select(
+            Partner.id,
+            Partner.partner_id,
+            Partner.enabled,
+            Partner.rate_limit_per_minute,
+            Credential.secret_sha256,
+        )
+        .join(Credential, Credential.partner_pk == Partner.id)
+        .where(Credential.api_key == api_key, Credential.revoked_at.is_(None))
+    )
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else CredentialRecord(*row)
+
+
+async def has_grant(
+    conn: AsyncConnection, *, partner_pk: int, tenant_id: str, sub_tenant_id: str
+) -> bool:
+    """Whether the partner may act for this tenant and sub-tenant (`*` matches any)."""
+    stmt = (
+        select(TenantGrant.id)
+        .where(
+            TenantGrant.partner_pk == partner_pk,
+            or_(TenantGrant.tenant_id == tenant_id, TenantGrant.tenant_id == WILDCARD),
+            or_(
+                TenantGrant.sub_tenant_id == sub_tenant_id,
+                TenantGrant.sub_tenant_id == WILDCARD,
+            ),
+        )
+        .limit(1)
+    )
+    return (await conn.execute(stmt)).first() is not None
+
+
+async def get_partner(conn: AsyncConnection, *, partner_id: str) -> PartnerRecord | None:
+    stmt = select(
+        Partner.id,
+        Partner.partner_id,
+        Partner.name,
+        Partner.enabled,
+        Partner.rate_limit_per_minute,
+        Partner.created_at,
+    ).where(Partner.partner_id == partner_id)
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else PartnerRecord(*row)
+
+
+async def list_partners(conn: AsyncConnection) -> list[PartnerRecord]:
+    stmt = select(
+        Partner.id,
+        Partner.partner_id,
+        Partner.name,
+        Partner.enabled,
+        Partner.rate_limit_per_minute,
+        Partner.created_at,
+    ).order_by(Partner.partner_id)
+    return [PartnerRecord(*row) for row in await conn.execute(stmt)]
+
+
+async def insert_partner(
+    conn: AsyncConnection,
+    *,
+    partner_id: str,
+    name: str,
+    rate_limit_per_minute: int | None,
+    now: datetime,
+) -> int:
+    stmt = (
+        Partner.__table__.insert()
+        .values(
+            partner_id=partner_id,
+            name=name,
+            enabled=True,
+            rate_limit_per_minute=rate_limit_per_minute,
+            created_at=now,
+        )
+        .returning(Partner.__table__.c.id)
+    )
+    return int((await conn.execute(stmt)).scalar_one())
+
+
+async def update_partner(
+    conn: AsyncConnection,
+    *,
+    partner_pk: int,
+    enabled: bool | None = None,
+    rate_limit_per_minute: int | None = None,
+) -> None:
+    values: dict[str, object] = {}
+    if enabled is not None:
+        values["enabled"] = enabled
+    if rate_limit_per_minute is not None:
+        values["rate_limit_per_minute"] = rate_limit_per_minute
+    if values:
+        await conn.execute(update(Partner).where(Partner.id == partner_pk).values(**values))
+
+
+async def insert_credential(
+    conn: AsyncConnection, *, partner_pk: int, api_key: str, secret_sha256: str, now: datetime
+) -> None:
+    await conn.execute(
+        Credential.__table__.insert().values(
+            partner_pk=partner_pk, api_key=api_key, secret_sha256=secret_sha256, created_at=now
+        )
+    )
+
+
+async def revoke_credentials(conn: AsyncConnection, *, partner_pk: int, now: datetime) -> int:
+    """Revoke every active credential of the partner; returns how many."""
+    result = await conn.execute(
+        update(Credential)
+        .where(Credential.partner_pk == partner_pk, Credential.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return int(result.rowcount)
+
+
+async def list_grants(conn: AsyncConnection, *, partner_pk: int) -> list[tuple[str, str]]:
+    stmt = (
+        select(TenantGrant.tenant_id, TenantGrant.sub_tenant_id)
+        .where(TenantGrant.partner_pk == partner_pk)
+        .order_by(TenantGrant.tenant_id, TenantGrant.sub_tenant_id)
+    )
+    return [(t, s) for t, s in await conn.execute(stmt)]
+
+
+async def insert_grant(
+    conn: AsyncConnection, *, partner_pk: int, tenant_id: str, sub_tenant_id: str, now: datetime
+) -> bool:
+    """Grant a tenant and sub-tenant; False if the partner already had that grant."""
+    exists = await conn.execute(
+        select(TenantGrant.id).where(
+            TenantGrant.partner_pk == partner_pk,
+            TenantGrant.tenant_id == tenant_id,
+            TenantGrant.sub_tenant_id == sub_tenant_id,
+        )
+    )
+    if exists.first() is not None:
+        return False
+    await conn.execute(
+        TenantGrant.__table__.insert().values(
+            partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, created_at=now
+        )
+    )
+    return True
+
+
+async def delete_grant(
+    conn: AsyncConnection, *, partner_pk: int, tenant_id: str, sub_tenant_id: str
+) -> bool:
+    """Remove one grant; False if there was none."""
+    result = await conn.execute(
+        delete(TenantGrant).where(
+            TenantGrant.partner_pk == partner_pk,
+            TenantGrant.tenant_id == tenant_id,
+            TenantGrant.sub_tenant_id == sub_tenant_id,
+        )
+    )
+    return bool(result.rowcount)
