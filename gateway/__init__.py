@@ -1,0 +1,1 @@
+"""What runs in or next to Envoy: the envelope filter, the config renderer, the launcher."""

@@ -1,0 +1,366 @@
+-- Turns every REST response into the documented JSON envelope.
+--
+-- Runs before the gRPC-JSON transcoder, so on the response path it sees:
+--   * transcoded upstream replies: 200 JSON on success, or (convert_grpc_status) an error body
+--     {"code":N,"message":"...","details":[...]} built from grpc-status-details-bin;
+--   * upstream errors whose details the transcoder could not print: empty body, grpc-status and
+--     grpc-message headers;
+--   * local replies: transcoder request failures (400 text/plain), the 5 MB buffer limit (413),
+--     the 404/405 routes, upstream connection failures (503) and route timeouts (504).
+-- Native gRPC calls (request content-type application/grpc*) are never touched.
+--
+-- Envoy's Lua has no JSON library. The decoder below keeps string literals in their raw, escaped
+-- form, so messages are re-emitted byte for byte without any unicode handling.
+
+local NAMESPACE = "disposition.gateway"
+
+local CONTENT_TYPE = "application/json"
+
+local GRPC_HEADERS = { "grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding" }
+
+-- gRPC status code -> HTTP status (google.rpc.Code documentation).
+local HTTP_STATUS_FOR_CODE = {
+  [1] = 499, -- CANCELLED
+  [2] = 500, -- UNKNOWN
+  [3] = 400, -- INVALID_ARGUMENT (422 when it carries a BadRequest)
+  [4] = 504, -- DEADLINE_EXCEEDED
+  [5] = 404, -- NOT_FOUND
+  [6] = 409, -- ALREADY_EXISTS
+  [7] = 403, -- PERMISSION_DENIED
+  [8] = 429, -- RESOURCE_EXHAUSTED
+  [9] = 400, -- FAILED_PRECONDITION
+  [10] = 409, -- ABORTED
+  [11] = 400, -- OUT_OF_RANGE
+  [12] = 501, -- UNIMPLEMENTED
+  [13] = 500, -- INTERNAL
+  [14] = 503, -- UNAVAILABLE
+  [15] = 500, -- DATA_LOSS
+  [16] = 401, -- UNAUTHENTICATED
+}
+
+-- Envelope message for replies that carry no message of their own (Envoy's local replies).
+local MESSAGE_FOR_STATUS = {
+  [400] = "Bad request",
+  [401] = "Unauthorized",
+  [403] = "Forbidden",
+  [404] = "Not found",
+  [405] = "Method not allowed",
+  [408] = "Request timeout",
+  [409] = "Conflict",
+  [413] = "Payload too large",
+  [422] = "Validation failed",
+  [429] = "Too many requests",
+  [431] = "Request header fields too large",
+  [499] = "Client closed request",
+  [500] = "Internal server error",
+  [501] = "Not implemented",
+  [502] = "Service unavailable",
+  [503] = "Service unavailable",
+  [504] = "Gateway timeout",
+}
+
+-- What a JSON value of the wrong type should have been, by the transcoder's type name.
+local EXPECTED_FOR_TYPE = {
+  TYPE_STRING = "a string",
+  TYPE_BOOL = "a boolean",
+  TYPE_DOUBLE = "a number",
+  TYPE_FLOAT = "a number",
+  TYPE_INT32 = "an integer",
+  TYPE_INT64 = "an integer",
+  TYPE_UINT32 = "an integer",
+  TYPE_UINT64 = "an integer",
+  TYPE_SINT32 = "an integer",
+  TYPE_SINT64 = "an integer",
+  TYPE_FIXED32 = "an integer",
+  TYPE_FIXED64 = "an integer",
+  TYPE_SFIXED32 = "an integer",
+  TYPE_SFIXED64 = "an integer",
+  TYPE_BYTES = "base64-encoded bytes",
+  TYPE_ENUM = "one of the allowed values",
+  Map = "an object",
+}
+
+---------------------------------------------------------------------------------------------------
+-- JSON
+
+-- Decodes `text`; strings stay raw (the characters between the quotes, escapes untouched).
+-- Returns the value, or nil when `text` is not valid JSON.
+local function json_decode(text)
+  local pos = 1
+
+  local function skip()
+    pos = string.find(text, "[^ \t\r\n]", pos) or (#text + 1)
+  end
+
+  local value
+
+  local function raw_string()
+    -- pos is on the opening quote.
+    local i = pos + 1
+    while true do
+      local j = string.find(text, '["\\]', i)
+      if j == nil then error("unterminated string") end
+      if string.sub(text, j, j) == '"' then
+        local raw = string.sub(text, pos + 1, j - 1)
+        pos = j + 1
+        return { raw = raw }
+      end
+      i = j + 2 -- skip the escaped character
+    end
+  end
+
+  local function object()
+    local result = {}
+    pos = pos + 1
+    skip()
+    if string.sub(text, pos, pos) == "}" then
+      pos = pos + 1
+      return result
+    end
+    while true do
+      skip()
+      if string.sub(text, pos, pos) ~= '"' then error("expected key") end
+      local key = raw_string().raw
+      skip()
+      if string.sub(text, pos, pos) ~= ":" then error("expected colon") end
+      pos = pos + 1
+      result[key] = value()
+      skip()
+      local c = string.sub(text, pos, pos)
+      pos = pos + 1
+      if c == "}" then return result end
+      if c ~= "," then error("expected , or }") end
+    end
+  end
+
+  local function array()
+    local result = {}
+    pos = pos + 1
+    skip()
+    if string.sub(text, pos, pos) == "]" then
+      pos = pos + 1
+      return result
+    end
+    while true do
+      result[#result + 1] = value()
+      skip()
+      local c = string.sub(text, pos, pos)
+      pos = pos + 1
+      if c == "]" then return result end
+      if c ~= "," then error("expected , or ]") end
+    end
+  end
+
+  value = function()
+    skip()
+    local c = string.sub(text, pos, pos)
+    if c == "{" then return object() end
+    if c == "[" then return array() end
+    if c == '"' then return raw_string() end
+    local literal = string.match(text, "^[%w%.%+%-]+", pos)
+    if literal == nil then error("unexpected character") end
+    pos = pos + #literal
+    if literal == "true" then return true end
+    if literal == "false" then return false end
+    if literal == "null" then return nil end
+    local number = tonumber(literal)
+    if number == nil then error("bad literal") end
+    return number
+  end
+
+  local ok, result = pcall(function()
+    local v = value()
+    skip()
+    if pos <= #text then error("trailing data") end
+    return v
+  end)
+  if ok then return result end
+  return nil
+end
+
+-- A JSON string literal (with quotes) for a Lua string.
+local function json_string(s)
+  s = string.gsub(s, '[%c"\\]', function(c)
+    if c == '"' then return '\\"' end
+    if c == "\\" then return "\\\\" end
+    if c == "\n" then return "\\n" end
+    if c == "\t" then return "\\t" end
+    if c == "\r" then return "\\r" end
+    return string.format("\\u%04x", string.byte(c))
+  end)
+  return '"' .. s .. '"'
+end
+
+local function raw_of(v)
+  if type(v) == "table" and type(v.raw) == "string" then return v.raw end
+  return nil
+end
+
+-- The envelope; `message` and the errors' fields are JSON string literals (with quotes).
+local function envelope(message, errors)
+  local body = '{"success":false,"message":' .. message
+  if errors ~= nil then
+    local items = {}
+    for i, e in ipairs(errors) do
+      items[i] = '{"field":' .. e.field .. ',"message":' .. e.message .. "}"
+    end
+    body = body .. ',"errors":[' .. table.concat(items, ",") .. "]"
+  end
+  return body .. "}"
+end
+
+---------------------------------------------------------------------------------------------------
+-- Classification
+
+-- grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+local function percent_decode(s)
+  return (string.gsub(s, "%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- "36.200s" -> 37: whole seconds, rounded up.
+local function retry_after_seconds(duration)
+  local seconds, fraction = string.match(duration or "", "^(%d+)%.?(%d*)s$")
+  if seconds == nil then return nil end
+  local result = tonumber(seconds)
+  if fraction ~= "" and tonumber(fraction) > 0 then result = result + 1 end
+  return result
+end
+
+local function type_name(detail)
+  local raw = raw_of(detail["@type"]) or ""
+  return string.match(raw, "([^/]+)$")
+end
+
+-- A gRPC status (code, raw message, decoded details) -> HTTP status, body, extra headers.
+local function from_grpc_status(code, message, details)
+  local status = HTTP_STATUS_FOR_CODE[code] or 500
+  if message == nil or message == "" then
+    message = MESSAGE_FOR_STATUS[status] or "Internal server error"
+    message = string.sub(json_string(message), 2, -2)
+  end
+  local errors = nil
+  local headers = {}
+  for _, detail in ipairs(details or {}) do
+    if type(detail) == "table" then
+      local name = type_name(detail)
+      if name == "google.rpc.BadRequest" and code == 3 then
+        local violations = detail.field_violations or detail.fieldViolations or {}
+        if #violations > 0 then
+          errors = {}
+          for i, v in ipairs(violations) do
+            errors[i] = {
+              field = '"' .. (raw_of(v.field) or "") .. '"',
+              message = '"' .. (raw_of(v.description) or "") .. '"',
+            }
+          end
+          status = 422
+        end
+      elseif name == "google.rpc.RetryInfo" then
+        local seconds = retry_after_seconds(raw_of(detail.retry_delay or detail.retryDelay))
+        if seconds ~= nil then headers["retry-after"] = tostring(seconds) end
+      end
+    end
+  end
+  return status, envelope('"' .. message .. '"', errors), headers
+end
+
+local function join_path(prefix, name)
+  if prefix == "" then return name end
+  return prefix .. "." .. name
+end
+
+local function validation_failed(field, message)
+  local errors = { { field = json_string(field), message = json_string(message) } }
+  return 422, envelope('"Validation failed"', errors), {}
+end
+
+-- A transcoder request failure (400 text/plain) -> 422 for a wrongly typed field, else 400.
+local function from_transcoder_failure(text)
+  local prefix, name = string.match(text, "^(.-): invalid value Starting an object on a scalar field for type (.+)$")
+  if prefix ~= nil then
+    local field = join_path(prefix, name)
+    return validation_failed(field, field .. " must not be an object")
+  end
+  prefix, name = string.match(text, "^(.-): invalid value Cannot bind a list to map for field '(.-)'%. for type Map$")
+  if prefix ~= nil then
+    local field = join_path(prefix, name)
+    return validation_failed(field, field .. " must be an object")
+  end
+  prefix = string.match(text, "^(.-): Proto field is not repeating, cannot start list%.$")
+  if prefix ~= nil then
+    local where = prefix ~= "" and prefix or "the request body"
+    return validation_failed(prefix, where .. " contains an array where a single value is expected")
+  end
+  local field, type_ = string.match(text, "^(.+): invalid value .* for type (%S+)$")
+  if field ~= nil then
+    local expected = EXPECTED_FOR_TYPE[type_]
+    if expected == nil and string.find(type_, "^type%.googleapis%.com/") then expected = "an object" end
+    return validation_failed(field, field .. " must be " .. (expected or "of a valid type"))
+  end
+  return 400, envelope('"Invalid JSON body"'), {}
+end
+
+---------------------------------------------------------------------------------------------------
+-- Entry points
+
+function envoy_on_request(handle)
+  local content_type = handle:headers():get("content-type") or ""
+  if string.find(content_type, "^application/grpc") == nil then
+    handle:streamInfo():dynamicMetadata():set(NAMESPACE, "rest", true)
+  end
+end
+
+-- Unary replies reach REST clients without trailers (the transcoder folds them into the
+-- headers); this only guards against a gRPC trailer ever reaching an HTTP/2 REST client.
+-- Called last: once trailers are awaited, the headers can no longer be changed.
+local function strip_grpc_trailers(handle)
+  local trailers = handle:trailers()
+  if trailers ~= nil then
+    for _, name in ipairs(GRPC_HEADERS) do trailers:remove(name) end
+  end
+end
+
+function envoy_on_response(handle)
+  local metadata = handle:streamInfo():dynamicMetadata():get(NAMESPACE)
+  if metadata == nil or metadata.rest ~= true then return end
+
+  local headers = handle:headers()
+  local http_status = tonumber(headers:get(":status")) or 500
+  local content_type = headers:get("content-type") or ""
+  local grpc_status = tonumber(headers:get("grpc-status") or "")
+  local grpc_message = headers:get("grpc-message")
+  local is_json = string.find(content_type, "^application/json") ~= nil
+  local success = http_status < 300 and is_json and (grpc_status == nil or grpc_status == 0)
+
+  local status, new_body, extra
+  local body = nil
+  if not success then
+    body = handle:body(true)
+    local text = body:getBytes(0, body:length())
+    local decoded = is_json and json_decode(text) or nil
+    if type(decoded) == "table" and type(decoded.code) == "number" and decoded.code ~= 0 then
+      status, new_body, extra = from_grpc_status(decoded.code, raw_of(decoded.message), decoded.details)
+    elseif grpc_status ~= nil and grpc_status ~= 0 then
+      -- The transcoder could not print the details (a type missing from the descriptor set).
+      local message = string.sub(json_string(percent_decode(grpc_message or "")), 2, -2)
+      status, new_body, extra = from_grpc_status(grpc_status, message, nil)
+    elseif http_status == 400 then
+      status, new_body, extra = from_transcoder_failure(text)
+    else
+      status = http_status
+      local message = MESSAGE_FOR_STATUS[status] or (status >= 500 and "Internal server error" or "Bad request")
+      new_body, extra = envelope(json_string(message)), {}
+    end
+  end
+
+  -- Header objects do not survive a yield (body()): fetch them again.
+  headers = handle:headers()
+  for _, name in ipairs(GRPC_HEADERS) do headers:remove(name) end
+  if not success then
+    headers:replace(":status", tostring(status))
+    headers:replace("content-type", CONTENT_TYPE)
+    for name, value in pairs(extra) do headers:replace(name, value) end
+    body:setBytes(new_body)
+  end
+  strip_grpc_trailers(handle)
+end
