@@ -1,0 +1,100 @@
+"""Small gRPC helpers for tests: calls, decoded rich error details, history rows."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import grpc
+from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
+from disposition.v1 import disposition_service_pb2 as disposition_pb2
+from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy import select
+
+from server.db import Database
+from server.models import Customer, DispositionHistory
+from tests.support import Credentials, batch_item
+
+
+def update_request(customer_id: str, status: str | None = None) -> Any:
+    request = disposition_pb2.UpdateDispositionStatusRequest(customer_id=customer_id)
+    if status is not None:
+        request.disposition_status = status
+    return request
+
+
+def batch_request(*items: dict[str, Any]) -> Any:
+    return json_format.ParseDict({"data": list(items)}, ingestion_pb2.IngestBatchCallsRequest())
+
+
+async def ingest(stub: Any, creds: Credentials, *customers: str, status: str | None = None) -> Any:
+    items = [batch_item(call_id_for(creds, c), c, status) for c in customers]
+    return await stub.IngestBatchCalls(batch_request(*items), metadata=creds.metadata())
+
+
+def call_id_for(creds: Credentials, customer_id: str) -> str:
+    """A stable call id (at most 255 characters) for a test's customer."""
+    return f"call-{creds.partner_id}-{hashlib.sha1(customer_id.encode()).hexdigest()}"
+
+
+def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """The google.rpc details of a failed call, keyed by type name."""
+    found: dict[str, Any] = {}
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                for kind in (
+                    error_details_pb2.ErrorInfo,
+                    error_details_pb2.BadRequest,
+                    error_details_pb2.RetryInfo,
+                    error_details_pb2.ResourceInfo,
+                ):
+                    if detail.Is(kind.DESCRIPTOR):
+                        message = kind()
+                        detail.Unpack(message)
+                        found[kind.DESCRIPTOR.name] = message
+    return found
+
+
+def violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    return [(v.field, v.description) for v in details(error)["BadRequest"].field_violations]
+
+
+async def trailing(error_or_call: Any, key: str) -> str | None:
+    """A trailing metadata value of a finished call or of an AioRpcError."""
+    metadata = error_or_call.trailing_metadata()
+    if not isinstance(error_or_call, grpc.aio.AioRpcError):
+        metadata = await metadata
+    for name, value in metadata or ():
+        if name == key:
+            return str(value)
+    return None
+
+
+async def history(db: Database, customer_id: str) -> list[tuple[str | None, str | None, str]]:
+    """(previous, new, source) of a customer's history, oldest first."""
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(
+                DispositionHistory.previous_status,
+                DispositionHistory.new_status,
+                DispositionHistory.source,
+            )
+            .join(Customer, Customer.id == DispositionHistory.customer_pk)
+            .where(Customer.customer_id == customer_id)
+            .order_by(DispositionHistory.id)
+        )
+        return [(p, n, s) for p, n, s in rows]
+
+
+async def stored_status(db: Database, customer_id: str, tenant_id: str = "tenant1") -> Any:
+    async with db.read() as conn:
+        return (
+            await conn.execute(
+                select(Customer.disposition_status).where(
+                    Customer.customer_id == customer_id, Customer.tenant_id == tenant_id
+                )
+            )
+        ).scalar_one()
