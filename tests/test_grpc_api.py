@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import Any
 
@@ -337,7 +338,7 @@ async def test_concurrent_updates_keep_an_unbroken_history(
     assert all(r.success for r in replies)
     rows = await history(db, "busy")
     assert rows[0] == (None, "new", "batch_call")
-    for before, after in zip(rows, rows[1:], strict=False):
+    for before, after in itertools.pairwise(rows):
         assert after[0] == before[1], "each change starts where the previous one ended"
         assert after[0] != after[1], "no row records a non-change"
     assert rows[-1][1] == await stored_status(db, "busy")
