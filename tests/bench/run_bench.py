@@ -1,0 +1,211 @@
+"""`make bench`: the real stack under bounded load on loopback; one JSON document on stdout.
+
+    .venv/bin/python -m tests.bench.run_bench [--seconds 10] [--connections 16 64] [--repeats 3]
+
+A fresh SQLite database in a temporary folder, `disposition-server` and Envoy as child processes,
+a bench partner with a huge rate limit, 10,000 customers ingested with IngestBatchCalls. Then, for
+each repeat and connection count, interleaved so that both paths see the same machine noise:
+  rest: wrk -> Envoy (JSON transcoding) -> server, every request a real change (update.lua);
+  grpc: h2load -> server directly, bodies rotated so that almost every request is a real change
+        (see grpc_load.py).
+Each run is checked: transport errors and non-2xx replies, history rows written vs requests (an
+OK update of a new status writes exactly one row), and for gRPC one grpcio call whose grpc-status
+must be OK (h2load sees only HTTP statuses, not trailers). Server RSS is sampled from /proc while
+the load runs. Figures are medians over the repeats; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from gateway.envoy_process import run_envoy
+from tests.bench import grpc_load, rest_load
+from tests.bench.stack import (
+    RssSampler,
+    cpu_seconds,
+    create_partner,
+    database_env,
+    grpc_server,
+    history_rows,
+    rss_mb,
+)
+
+INSTALL_HINT = "apt-get install -y wrk nghttp2-client"
+FIGURES = (
+    "requests_per_s",
+    "p50_ms",
+    "p99_ms",
+    "real_change_ratio",
+    "server_rss_mb_peak",
+    "server_cpu_cores",
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each run")
+    parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per path and connection count")
+    parser.add_argument("--customers", type=int, default=10_000)
+    return parser.parse_args(argv)
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def tool_version(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def machine_facts() -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "mem_total_mb": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": tool_version(["wrk", "--version"]),
+        "h2load": tool_version(["h2load", "--version"]),
+    }
+
+
+def measure(run: Callable[[], dict[str, float]], *, db: Path, pid: int) -> dict[str, float]:
+    """One load run, with the server's RSS sampled during it and the history rows it wrote."""
+    before, cpu_before, started = history_rows(db), cpu_seconds(pid), time.monotonic()
+    with RssSampler(pid) as rss:
+        result = run()
+    cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
+    time.sleep(0.5)  # let requests still in flight when the client stopped commit
+    rows = history_rows(db) - before
+    result["history_rows"] = rows
+    result["real_change_ratio"] = round(rows / result["requests"], 4) if result["requests"] else 0.0
+    result["server_rss_mb_peak"] = round(rss.peak, 1)
+    result["server_rss_mb_end"] = round(rss.end, 1)
+    result["server_cpu_cores"] = round(cpu, 2)  # 1.0 = one core busy for the whole run
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repeats; errors are the total of every run; the raw runs come along."""
+    summary: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in FIGURES}
+    summary["errors"] = sum(int(r["errors"]) for r in runs)
+    summary["server_rss_mb"] = summary["server_rss_mb_peak"]
+    if "sample_call_ok" in runs[0]:
+        summary["sample_calls_ok"] = all(r["sample_call_ok"] for r in runs)
+    summary["runs"] = runs
+    return summary
+
+
+def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str, Any]:
+    facts = machine_facts()
+    db = workdir / "bench.db"
+    env = database_env(db)
+    partner = create_partner(env)
+    server, grpc_port = stack.enter_context(grpc_server(env, workdir / "server.log"))
+    envoy = stack.enter_context(run_envoy(grpc_port=grpc_port, log_path=workdir / "envoy.log"))
+    progress(f"server pid {server.pid} gRPC :{grpc_port}, Envoy HTTP :{envoy.http_port}")
+
+    ingestion = grpc_load.ingest(grpc_port, partner, args.customers)
+    progress(f"ingested {args.customers} customers: {ingestion['calls_per_s']} calls/s")
+    idle_rss = rss_mb(server.pid)
+    common = {"partner": partner, "customers": args.customers}
+
+    def rest(connections: int, seconds: int, tag: str) -> dict[str, float]:
+        return rest_load.run_wrk(
+            http_port=envoy.http_port, connections=connections, seconds=seconds,
+            threads=facts["cpus_usable"], tag=tag, **common,
+        )  # fmt: skip
+
+    def grpc(connections: int, seconds: int, tag: str) -> dict[str, float]:
+        return grpc_load.run_h2load(
+            port=grpc_port, connections=connections, seconds=seconds, workdir=workdir, tag=tag,
+            **common,
+        )  # fmt: skip
+
+    paths = {"rest_via_envoy_wrk": rest, "grpc_direct_h2load": grpc}
+    progress("warm-up: 2 s per path (discarded)")
+    for name, run in paths.items():
+        measure(partial(run, args.connections[0], 2, f"w{name[0]}"), db=db, pid=server.pid)
+
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in paths}
+    for rep in range(args.repeats):
+        for connections in args.connections:
+            for name, run in paths.items():
+                tag = f"{rep}{connections}{name[0]}"
+                load = partial(run, connections, args.seconds, tag)
+                result = measure(load, db=db, pid=server.pid)
+                if name.startswith("grpc"):
+                    result["sample_call_ok"] = grpc_load.sample_update(
+                        grpc_port, partner, f"s{tag}"
+                    )
+                results[name].setdefault(connections, []).append(result)
+                progress(
+                    f"{name} c={connections} run {rep + 1}/{args.repeats}: "
+                    f"{result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
+                    f"errors {result['errors']}, changes {result['real_change_ratio']}"
+                )
+
+    return {
+        "machine": facts,
+        "config": {
+            "customers": args.customers,
+            "seconds_per_run": args.seconds,
+            "repeats": args.repeats,
+            "connections": args.connections,
+            "database": "fresh SQLite file (WAL), SQLITE_SYNCHRONOUS=FULL (server default)",
+            "server_log_level": "WARNING",
+            "rest": "wrk -t<cpus> keep-alive HTTP/1.1 -> Envoy (--concurrency 2) -> server",
+            "grpc": "h2load -t1 -m1 (one stream in flight per connection) -> server, no Envoy",
+        },
+        "ingestion": ingestion,
+        "server_rss_mb_after_ingestion": round(idle_rss or 0.0, 1),
+        **{
+            name: {str(c): summarize(runs) for c, runs in by_conn.items()}
+            for name, by_conn in results.items()
+        },
+        "server_rss_mb_at_end": round(rss_mb(server.pid) or 0.0, 1),
+    }
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ExitStack: every child is stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"run_bench: {', '.join(missing)} not found; install with: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix="disposition-bench-") as tmp, ExitStack() as stack:
+        report = bench(args, Path(tmp), stack)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
