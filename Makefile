@@ -53,3 +53,38 @@ $(GEN)/.generated: $(PROTOS) $(DEPS)/.copied
 
 .PHONY: gen
 gen: $(GEN)/.generated ## Generate Python code and Envoy's descriptor set from proto/
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0
+
+.PHONY: run
+run: install ## Set up everything and serve: SQLite, demo partner, Envoy on $HTTP_PORT, gRPC on $GRPC_PORT
+	mkdir -p var
+	$(PY) -m gateway.stack
+
+.PHONY: test
+test: install ## Set up everything and run the whole test suite
+	$(BIN)/pytest
+
+.PHONY: lint
+lint: install $(BUF) ## ruff, mypy (strict, server/) and buf lint
+	$(BIN)/ruff check server gateway tests
+	$(BIN)/ruff format --check server gateway tests
+	$(BIN)/mypy
+	$(BUF) lint
+
+.PHONY: breaking
+breaking: install $(BUF) ## buf breaking against main (AGAINST=<git ref> to change)
+	$(BUF) breaking --against '.git#branch=$(or $(AGAINST),main)'
+
+BENCH_TOOLS := wrk h2load
+.PHONY: bench
+bench: install ## Benchmark the real stack (REST via wrk, gRPC via h2load), prints JSON
+	@for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || { \
+	  echo "installing wrk and nghttp2-client (h2load) from Debian's packages"; \
+	  apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null; break; }; done
+	$(PY) -m tests.bench.run_bench
+
+.PHONY: clean
+clean: ## Remove generated code and build tools (keeps .venv and var/)
+	rm -rf $(BUILD)

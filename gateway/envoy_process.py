@@ -9,9 +9,11 @@ admin /listeners endpoint), so concurrent runs never race for a port.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,15 @@ class EnvoyPorts(NamedTuple):
 
 class EnvoyStartError(RuntimeError):
     """Envoy exited or did not become ready in time."""
+
+
+def die_with_parent() -> None:
+    """In a child before exec (Linux): get SIGTERM if the launching process dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def envoy_binary() -> str:
@@ -102,7 +113,13 @@ def run_envoy(
             "--log-level", "warn",
         ]  # fmt: skip
         with open(log, "ab") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which drains in order
+                preexec_fn=die_with_parent,
+            )
         try:
             yield _wait_ready(process, admin_address_file, log, startup_timeout)
         finally:

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -30,8 +30,10 @@ log = logging.getLogger("disposition.rpc")
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Rpc: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
+Behavior: TypeAlias = Callable[[Any, "Rpc"], Awaitable[Any]]
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -54,7 +56,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         headers = _headers(handler_call_details)
         request_id = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(request_id):
@@ -68,14 +70,14 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or _is_exempt(handler_call_details):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _translate_errors(handler.unary_unary),
+            _translate_errors(cast(Behavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
 def _translate_errors(behavior: Behavior) -> Behavior:
-    async def wrapper(request: Any, rpc: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request: Any, rpc: Rpc) -> Any:
         ctx = context.get()
         started = time.perf_counter()
         error: ServiceError | None = None
@@ -120,8 +122,8 @@ def _log_rpc(ctx: RequestContext, outcome: str, started: float) -> None:
         )
 
 
-def _refusal(error: ServiceError) -> grpc.RpcMethodHandler:
-    async def refuse(_request: Any, _rpc: grpc.aio.ServicerContext) -> Any:
+def _refusal(error: ServiceError) -> Handler:
+    async def refuse(_request: Any, _rpc: Rpc) -> Any:
         raise error
 
     return grpc.unary_unary_rpc_method_handler(refuse)
@@ -132,7 +134,7 @@ class _Gate(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         if _is_exempt(handler_call_details):
             return await continuation(handler_call_details)
         try:

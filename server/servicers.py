@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from disposition.v1 import (
     call_ingestion_service_pb2 as ingestion_pb2,
@@ -27,7 +29,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
     async def UpdateDispositionStatus(
         self,
         request: disposition_pb2.UpdateDispositionStatusRequest,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.UpdateDispositionStatusResponse:
         await dispositions.update_disposition_status(
             self.db,
@@ -44,7 +46,9 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
         self.db = db
 
     async def IngestBatchCalls(
-        self, request: ingestion_pb2.IngestBatchCallsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: ingestion_pb2.IngestBatchCallsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> ingestion_pb2.IngestBatchCallsResponse:
         outcome = await ingestion.ingest_batch(
             self.db, items=[_batch_item(item) for item in request.data]

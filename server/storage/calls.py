@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Call
@@ -30,4 +30,4 @@ async def existing_call_ids(
 async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]]) -> None:
     """Insert calls; each dict has the columns of `calls` (metadata under `metadata`)."""
     if rows:
-        await conn.execute(Call.__table__.insert(), list(rows))
+        await conn.execute(insert(Call), list(rows))

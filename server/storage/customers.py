@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, tuple_, update
+from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
@@ -84,7 +84,7 @@ async def insert_customers(
     if not customers:
         return {}
     await conn.execute(
-        Customer.__table__.insert(),
+        insert(Customer),
         [
             {
                 "tenant_id": tenant_id,
@@ -145,7 +145,7 @@ async def apply_status_changes(
         [{"customer_pk": c.customer_pk, "new_status": c.new_status} for c in changes],
     )
     await conn.execute(
-        DispositionHistory.__table__.insert(),
+        insert(DispositionHistory),
         [
             {
                 "customer_pk": c.customer_pk,

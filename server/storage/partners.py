@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Credential, Partner, TenantGrant
@@ -102,7 +102,7 @@ async def insert_partner(
     now: datetime,
 ) -> int:
     stmt = (
-        Partner.__table__.insert()
+        insert(Partner)
         .values(
             partner_id=partner_id,
             name=name,
@@ -110,7 +110,7 @@ async def insert_partner(
             rate_limit_per_minute=rate_limit_per_minute,
             created_at=now,
         )
-        .returning(Partner.__table__.c.id)
+        .returning(Partner.id)
     )
     return int((await conn.execute(stmt)).scalar_one())
 
@@ -135,7 +135,7 @@ async def insert_credential(
     conn: AsyncConnection, *, partner_pk: int, api_key: str, secret_sha256: str, now: datetime
 ) -> None:
     await conn.execute(
-        Credential.__table__.insert().values(
+        insert(Credential).values(
             partner_pk=partner_pk, api_key=api_key, secret_sha256=secret_sha256, created_at=now
         )
     )
@@ -174,7 +174,7 @@ async def insert_grant(
     if exists.first() is not None:
         return False
     await conn.execute(
-        TenantGrant.__table__.insert().values(
+        insert(TenantGrant).values(
             partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, created_at=now
         )
     )
