@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from disposition.v1 import (
     call_ingestion_service_pb2 as ingestion_pb2,
 )
@@ -15,9 +18,6 @@ from disposition.v1 import (
 from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from server.db import Database
 from server.domain.ratelimit import InProcessRateLimiter, RateLimiter
 from server.interceptors import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from disposition.v1 import (
     call_ingestion_service_pb2 as ingestion_pb2,
 )
@@ -17,7 +18,6 @@ from disposition.v1 import (
 from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
-
 from server.db import Database
 from server.domain import dispositions, ingestion
 

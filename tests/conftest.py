@@ -7,13 +7,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from disposition.v1 import (
     call_ingestion_service_pb2_grpc as ingestion_grpc,
 )
 from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
-
 from server.app import App
 from server.db import Database
 from tests.support import Credentials, onboard, settings_for

@@ -6,12 +6,12 @@ import hashlib
 from typing import Any
 
 import grpc
-from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
-from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import select
 
+from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
+from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.models import Customer, DispositionHistory
 from tests.support import Credentials, batch_item

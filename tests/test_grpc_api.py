@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
-from disposition.v1 import disposition_service_pb2 as disposition_pb2
 
+from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.domain import partners
 from tests.grpc_helpers import (

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import grpc_testing
 import pytest
+
 from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
-
 from server import context
 from server.context import RequestContext
 from server.db import Database

@@ -187,6 +187,13 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
     }
 
 
+def show_logs(workdir: Path, lines: int = 25) -> None:
+    """The end of each child's log, before the temporary folder goes away."""
+    for log in sorted(workdir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        progress(f"--- last {len(tail)} lines of {log.name} ---\n" + "\n".join(tail))
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds the ExitStack: every child is stopped
 
@@ -201,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-    with tempfile.TemporaryDirectory(prefix="disposition-bench-") as tmp, ExitStack() as stack:
-        report = bench(args, Path(tmp), stack)
+    with tempfile.TemporaryDirectory(prefix="disposition-bench-") as tmp:
+        try:
+            with ExitStack() as stack:
+                report = bench(args, Path(tmp), stack)
+        except BaseException:
+            show_logs(Path(tmp))
+            raise
     print(json.dumps(report, indent=2))
     return 0
 
