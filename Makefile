@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The generated package is mapped into build/gen (see pyproject.toml); it must exist to install.
-	mkdir -p $(GEN)/disposition
+	mkdir -p $(GEN)/disposition/v1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
