@@ -29,6 +29,17 @@ def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def onboard_via_cli(database_url: str, partner_id: str) -> dict[str, str]:
+    """Create a partner granted tenant1/subtenant1 with the CLI; its key and secret."""
+    created = admin(database_url, "partner", "create", "--partner-id", partner_id, "--name", "P")
+    granted = admin(
+        database_url, "grant", "--partner-id", partner_id,
+        "--tenant-id", "tenant1", "--sub-tenant-id", "subtenant1",
+    )  # fmt: skip
+    assert created.returncode == granted.returncode == 0, created.stderr + granted.stderr
+    return dict(json.loads(created.stdout))
+
+
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60
@@ -113,19 +124,7 @@ def test_admin_cli_contract(database_url: str) -> None:
 
 
 def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
-    creds = json.loads(
-        admin(database_url, "partner", "create", "--partner-id", "g", "--name", "G").stdout
-    )
-    admin(
-        database_url,
-        "grant",
-        "--partner-id",
-        "g",
-        "--tenant-id",
-        "tenant1",
-        "--sub-tenant-id",
-        "subtenant1",
-    )
+    creds = onboard_via_cli(database_url, "g")
     server = ServerProcess(database_url, tmp_path / "server.log")
     server.start()
     try:
@@ -245,19 +244,7 @@ def test_sigterm_drains_in_flight_requests(database_url: str, tmp_path: Path) ->
     from disposition.v1 import disposition_service_pb2 as pb
     from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
 
-    creds = json.loads(
-        admin(database_url, "partner", "create", "--partner-id", "d", "--name", "D").stdout
-    )
-    admin(
-        database_url,
-        "grant",
-        "--partner-id",
-        "d",
-        "--tenant-id",
-        "tenant1",
-        "--sub-tenant-id",
-        "subtenant1",
-    )
+    creds = onboard_via_cli(database_url, "d")
     server = ServerProcess(database_url, tmp_path / "server.log", SHUTDOWN_GRACE_SECONDS="20")
     server.start()
     metadata = (

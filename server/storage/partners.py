@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import Select, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Credential, Partner, TenantGrant
@@ -68,28 +68,26 @@ async def has_grant(
     return (await conn.execute(stmt)).first() is not None
 
 
-async def get_partner(conn: AsyncConnection, *, partner_id: str) -> PartnerRecord | None:
-    stmt = select(
+def _select_partners() -> Select[tuple[int, str, str, bool, int | None, datetime]]:
+    """The columns of a PartnerRecord, in its field order."""
+    return select(
         Partner.id,
         Partner.partner_id,
         Partner.name,
         Partner.enabled,
         Partner.rate_limit_per_minute,
         Partner.created_at,
-    ).where(Partner.partner_id == partner_id)
+    )
+
+
+async def get_partner(conn: AsyncConnection, *, partner_id: str) -> PartnerRecord | None:
+    stmt = _select_partners().where(Partner.partner_id == partner_id)
     row = (await conn.execute(stmt)).first()
     return None if row is None else PartnerRecord(*row)
 
 
 async def list_partners(conn: AsyncConnection) -> list[PartnerRecord]:
-    stmt = select(
-        Partner.id,
-        Partner.partner_id,
-        Partner.name,
-        Partner.enabled,
-        Partner.rate_limit_per_minute,
-        Partner.created_at,
-    ).order_by(Partner.partner_id)
+    stmt = _select_partners().order_by(Partner.partner_id)
     return [PartnerRecord(*row) for row in await conn.execute(stmt)]
 
 
