@@ -68,7 +68,7 @@ async def has_grant(
     return (await conn.execute(stmt)).first() is not None
 
 
-def _select_partners() -> Select[tuple[int, str, str, bool, int | None, datetime]]:
+def _select_partners() -> Select[int, str, str, bool, int | None, datetime]:
     """The columns of a PartnerRecord, in its field order."""
     return select(
         Partner.id,
