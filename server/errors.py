@@ -70,6 +70,13 @@ class SubTenantIdRequired(BadRequest):
     reason = "SUB_TENANT_ID_REQUIRED"
 
 
+class MalformedRequest(BadRequest):
+    """The request bytes are not a valid message, e.g. a string that is not UTF-8 (400)."""
+
+    default_message = "Invalid request body"
+    reason = "MALFORMED_REQUEST"
+
+
 class ValidationFailed(ServiceError):
     """The body breaks one or more field rules (422, with a BadRequest detail)."""
 

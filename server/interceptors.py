@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server import context
 from server.context import RequestContext
 from server.db import Database
 from server.domain import access
 from server.domain.ratelimit import RateLimiter
-from server.errors import RateLimited, ServiceError
+from server.errors import MalformedRequest, RateLimited, ServiceError
 
 log = logging.getLogger("disposition.rpc")
 
@@ -71,9 +72,27 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             _translate_errors(cast(Behavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message (e.g. invalid UTF-8)."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that reports garbage as a client error instead of an INTERNAL status."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return parse
 
 
 def _translate_errors(behavior: Behavior) -> Behavior:
@@ -82,6 +101,8 @@ def _translate_errors(behavior: Behavior) -> Behavior:
         started = time.perf_counter()
         error: ServiceError | None = None
         try:
+            if isinstance(request, _Undecodable):
+                raise MalformedRequest()
             response = await behavior(request, rpc)
         except ServiceError as exc:
             error = exc

@@ -360,3 +360,25 @@ async def test_unknown_method_is_unimplemented(
     call = channel.unary_unary("/disposition.v1.DispositionService/Nope")
     error = await fail(call(b"", metadata=partner.metadata()))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_undecodable_request_is_a_client_error(
+    channel: grpc.aio.Channel, partner: Credentials
+) -> None:
+    call = channel.unary_unary(UPDATE)  # raw bytes: customer_id (field 1) is not UTF-8
+    error = await fail(call(b"\x0a\x02\xff\xfe", metadata=partner.metadata()))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Invalid request body",
+    )
+    assert details(error)["ErrorInfo"].reason == "MALFORMED_REQUEST"
+
+
+async def test_empty_partner_id_header_counts_as_absent(
+    dispositions: Any, ingestion: Any, partner: Credentials
+) -> None:
+    await ingest(ingestion, partner, "c1")
+    reply = await dispositions.UpdateDispositionStatus(
+        update_request("c1", "x"), metadata=partner.metadata(x_partner_id="")
+    )
+    assert reply.success

@@ -22,14 +22,14 @@ class Principal:
 async def authenticate(
     db: Database, *, api_key: str | None, api_secret: str | None, partner_id: str | None
 ) -> Principal:
-    """Check the key and secret; a sent `x-partner-id` must name the key's partner."""
+    """Check the key and secret; a non-empty `x-partner-id` must name the key's partner."""
     if not api_key or not api_secret:
         raise Forbidden()
     async with db.read() as conn:
         record = await partners.find_active_credential(conn, api_key=api_key)
     if record is None or not secret_matches(api_secret, record.secret_sha256):
         raise Forbidden()
-    if not record.enabled or (partner_id is not None and partner_id != record.partner_id):
+    if not record.enabled or (partner_id and partner_id != record.partner_id):
         raise Forbidden()
     return Principal(record.partner_pk, record.partner_id, record.rate_limit_per_minute)
 

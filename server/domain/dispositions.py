@@ -32,18 +32,25 @@ async def update_disposition_status(
     """
     validate_update(customer_id, disposition_status)
     ctx = context.get()
-    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
-    assert ctx.partner_pk is not None
-    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
+    tenant_id, sub_tenant_id, partner_pk = ctx.tenant_id, ctx.sub_tenant_id, ctx.partner_pk
+    assert tenant_id is not None and sub_tenant_id is not None and partner_pk is not None
     if disposition_status is None:
         async with db.read() as conn:
-            found = await customers.lock_customer(conn, customer_id=customer_id, **scope)
+            found = await customers.find_customer(
+                conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_id=customer_id
+            )
         if found is None:
             raise CustomerNotFound(customer_id)
         return False
     new_status = disposition_status or None
     async with db.write() as conn:
-        state = await customers.lock_customer(conn, customer_id=customer_id, **scope)
+        state = await customers.find_customer(
+            conn,
+            tenant_id=tenant_id,
+            sub_tenant_id=sub_tenant_id,
+            customer_id=customer_id,
+            for_update=True,
+        )
         if state is None:
             raise CustomerNotFound(customer_id)
         if state.disposition_status == new_status:
@@ -52,9 +59,10 @@ async def update_disposition_status(
             conn,
             changes=[StatusChange(state.pk, state.disposition_status, new_status)],
             source=SOURCE_UPDATE,
-            partner_pk=ctx.partner_pk,
+            partner_pk=partner_pk,
             request_id=ctx.request_id,
             now=datetime.now(UTC),
-            **scope,
+            tenant_id=tenant_id,
+            sub_tenant_id=sub_tenant_id,
         )
     return True

@@ -28,23 +28,26 @@ class StatusChange:
     new_status: str | None
 
 
-async def lock_customer(
-    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_id: str
+async def find_customer(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    sub_tenant_id: str,
+    customer_id: str,
+    for_update: bool = False,
 ) -> CustomerState | None:
-    """Read a customer for update: its row stays locked until the transaction ends.
+    """Read a customer; with for_update its row stays locked until the transaction ends.
 
     (PostgreSQL: SELECT ... FOR UPDATE. SQLite: the writer's BEGIN IMMEDIATE already
     holds the database's write lock.)
     """
-    stmt = (
-        select(Customer.id, Customer.customer_id, Customer.disposition_status)
-        .where(
-            Customer.tenant_id == tenant_id,
-            Customer.sub_tenant_id == sub_tenant_id,
-            Customer.customer_id == customer_id,
-        )
-        .with_for_update()
+    stmt = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
+        Customer.tenant_id == tenant_id,
+        Customer.sub_tenant_id == sub_tenant_id,
+        Customer.customer_id == customer_id,
     )
+    if for_update:
+        stmt = stmt.with_for_update()
     row = (await conn.execute(stmt)).first()
     return None if row is None else CustomerState(*row)
 
@@ -52,7 +55,7 @@ async def lock_customer(
 async def lock_customers(
     conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_ids: Sequence[str]
 ) -> dict[str, CustomerState]:
-    """Like lock_customer for many ids at once; missing ids are absent from the result."""
+    """find_customer(for_update=True) for many ids; missing ids are absent from the result."""
     found: dict[str, CustomerState] = {}
     unique = sorted(set(customer_ids))
     for start in range(0, len(unique), 500):
