@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -40,6 +41,7 @@ from tests.bench.stack import (
     cpu_seconds,
     create_partner,
     database_env,
+    ensure_running,
     grpc_server,
     history_rows,
     rss_mb,
@@ -110,8 +112,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in FIGURES}
     summary["errors"] = sum(int(r["errors"]) for r in runs)
     summary["server_rss_mb"] = summary["server_rss_mb_peak"]
-    if "sample_call_ok" in runs[0]:
-        summary["sample_calls_ok"] = all(r["sample_call_ok"] for r in runs)
+    if "sample_call" in runs[0]:
+        summary["sample_calls_ok"] = all(r["sample_call"] == "OK" for r in runs)
     summary["runs"] = runs
     return summary
 
@@ -152,12 +154,11 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
         for connections in args.connections:
             for name, run in paths.items():
                 tag = f"{rep}{connections}{name[0]}"
+                ensure_running(server, envoy.admin_port)
                 load = partial(run, connections, args.seconds, tag)
                 result = measure(load, db=db, pid=server.pid)
                 if name.startswith("grpc"):
-                    result["sample_call_ok"] = grpc_load.sample_update(
-                        grpc_port, partner, f"s{tag}"
-                    )
+                    result["sample_call"] = grpc_load.sample_update(grpc_port, partner, f"s{tag}")
                 results[name].setdefault(connections, []).append(result)
                 progress(
                     f"{name} c={connections} run {rep + 1}/{args.repeats}: "
@@ -187,10 +188,14 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
     }
 
 
+ACCESS_LOG_LINE = re.compile(r'^\[\S+Z\] "')  # Envoy's per-request lines: no help here
+
+
 def show_logs(workdir: Path, lines: int = 25) -> None:
     """The end of each child's log, before the temporary folder goes away."""
     for log in sorted(workdir.glob("*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        text = log.read_text(errors="replace").splitlines()
+        tail = [line for line in text if not ACCESS_LOG_LINE.match(line)][-lines:]
         progress(f"--- last {len(tail)} lines of {log.name} ---\n" + "\n".join(tail))
 
 
@@ -208,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     with tempfile.TemporaryDirectory(prefix="disposition-bench-") as tmp:
         try:
             with ExitStack() as stack:
                 report = bench(args, Path(tmp), stack)
-        except BaseException:
+        except KeyboardInterrupt:
+            progress("interrupted: every child process has been stopped")
+            return 130
+        except Exception:
             show_logs(Path(tmp))
             raise
     print(json.dumps(report, indent=2))

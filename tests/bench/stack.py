@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,6 +132,20 @@ def wait_serving(proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0
                 pass
             time.sleep(0.1)
     raise TimeoutError(f"disposition-server not serving on port {port} after {timeout} s")
+
+
+def ensure_running(server: subprocess.Popen[bytes], envoy_admin_port: int) -> None:
+    """Fail fast, with a clear message, when a child died (or was killed) between runs."""
+    if server.poll() is not None:
+        raise RuntimeError(f"disposition-server exited with {server.returncode} during the bench")
+    try:
+        url = f"http://127.0.0.1:{envoy_admin_port}/ready"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            ready = reply.status == 200
+    except OSError:
+        ready = False
+    if not ready:
+        raise RuntimeError("Envoy stopped answering its admin /ready during the bench")
 
 
 def history_rows(db_path: Path) -> int:
