@@ -12,10 +12,15 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
+from disposition.v1 import disposition_service_pb2 as pb
+from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
 from tests.support import BIN, REPO, ServerProcess, batch_item
 
 
@@ -237,13 +242,25 @@ def test_make_run_launcher_serves_the_printed_curl_and_stops_cleanly(tmp_path: P
             assert sock.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
 
 
-def test_sigterm_drains_in_flight_requests(database_url: str, tmp_path: Path) -> None:
-    """An update blocked on the database when SIGTERM arrives still completes and commits."""
-    import grpc
+@dataclass
+class Served:
+    server: ServerProcess
+    stub: pb_grpc.DispositionServiceStub
+    metadata: tuple[tuple[str, str], ...]
+    db_file: str
 
-    from disposition.v1 import disposition_service_pb2 as pb
-    from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
+    def update(self, status: str, timeout: float = 30) -> grpc.Future:
+        request = pb.UpdateDispositionStatusRequest(
+            customer_id="customer123", disposition_status=status
+        )
+        return self.stub.UpdateDispositionStatus.future(
+            request, metadata=self.metadata, timeout=timeout
+        )
 
+
+@pytest.fixture
+def served(database_url: str, tmp_path: Path) -> Iterator[Served]:
+    """A server process with partner `d` and customer123 ingested through grpcurl."""
     creds = onboard_via_cli(database_url, "d")
     server = ServerProcess(database_url, tmp_path / "server.log", SHUTDOWN_GRACE_SECONDS="20")
     server.start()
@@ -251,41 +268,61 @@ def test_sigterm_drains_in_flight_requests(database_url: str, tmp_path: Path) ->
         ("x-api-key", creds["api_key"]), ("x-api-secret", creds["api_secret"]),
         ("x-tenant-id", "tenant1"), ("x-sub-tenant-id", "subtenant1"),
     )  # fmt: skip
-    db_file = database_url.split("///", 1)[1]
     try:
+        ingested = grpcurl(
+            *[x for k, v in metadata for x in ("-H", f"{k}: {v}")],
+            "-d", json.dumps({"data": [batch_item("d-call", "customer123")]}),
+            f"127.0.0.1:{server.port}", "disposition.v1.CallIngestionService/IngestBatchCalls",
+        )  # fmt: skip
+        assert ingested.returncode == 0, ingested.stderr
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            grpcurl_batch = json.dumps({"data": [batch_item("d-call", "customer123")]})
-            ingested = grpcurl(
-                *[x for k, v in metadata for x in ("-H", f"{k}: {v}")],
-                "-d",
-                grpcurl_batch,
-                f"127.0.0.1:{server.port}",
-                "disposition.v1.CallIngestionService/IngestBatchCalls",
-            )
-            assert ingested.returncode == 0, ingested.stderr
             stub = pb_grpc.DispositionServiceStub(channel)
-            blocker = sqlite3.connect(db_file, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # hold the write lock: the update must wait
-            future = stub.UpdateDispositionStatus.future(
-                pb.UpdateDispositionStatusRequest(
-                    customer_id="customer123", disposition_status="interested"
-                ),
-                metadata=metadata,
-                timeout=30,
-            )
-            time.sleep(0.5)
-            assert not future.done()
-            server.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-            time.sleep(0.5)
-            blocker.execute("COMMIT")
-            blocker.close()
-            assert future.result().success is True
-        assert server.process.wait(30) == 0  # type: ignore[union-attr]
-        with sqlite3.connect(db_file) as conn:
-            assert conn.execute("SELECT disposition_status FROM customers").fetchone() == (
-                "interested",
-            )
-        # The update finished after the drain began, before the server stopped.
-        assert [e["message"] for e in server.log_lines()][-3:] == ["draining", "rpc", "stopped"]
+            yield Served(server, stub, metadata, database_url.split("///", 1)[1])
     finally:
         server.stop()
+
+
+def stored(db_file: str) -> tuple[str | None, list[tuple[str | None, str | None]]]:
+    with sqlite3.connect(db_file) as conn:
+        status = conn.execute("SELECT disposition_status FROM customers").fetchone()[0]
+        rows = conn.execute(
+            "SELECT previous_status, new_status FROM disposition_history ORDER BY id"
+        ).fetchall()
+    return status, rows
+
+
+def test_sigterm_drains_in_flight_requests(served: Served) -> None:
+    """An update blocked on the database when SIGTERM arrives still completes and commits."""
+    blocker = sqlite3.connect(served.db_file, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # hold the write lock: the update must wait
+    future = served.update("interested")
+    time.sleep(0.5)
+    assert not future.done()
+    served.server.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    time.sleep(0.5)
+    blocker.execute("COMMIT")
+    blocker.close()
+    assert future.result().success is True
+    assert served.server.process.wait(30) == 0  # type: ignore[union-attr]
+    assert stored(served.db_file) == ("interested", [(None, "interested")])
+    # The update finished after the drain began, before the server stopped.
+    assert [e["message"] for e in served.server.log_lines()][-3:] == ["draining", "rpc", "stopped"]
+
+
+def test_abandoned_requests_never_wedge_the_writer(served: Served) -> None:
+    """Clients that give up while their update waits for the database leave no open
+    transaction behind: later updates commit, and the history stays one unbroken chain."""
+    blocker = sqlite3.connect(served.db_file, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    abandoned = [served.update(f"gave-up-{i}", timeout=0.3) for i in range(3)]
+    for future in abandoned:
+        with pytest.raises(grpc.RpcError) as caught:
+            future.result()
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    blocker.execute("COMMIT")
+    blocker.close()
+    assert served.update("after", timeout=20).result().success is True
+    status, rows = stored(served.db_file)
+    assert status == "after"
+    chain = [None] + [new for _, new in rows]
+    assert [previous for previous, _ in rows] == chain[:-1]
