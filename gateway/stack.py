@@ -99,16 +99,17 @@ def seed_demo_customer(http_port: int, creds: dict[str, str]) -> dict[str, Any]:
         return dict(json.loads(reply.read()))
 
 
-def _wait_for_server(process: subprocess.Popen[bytes], grpc_port: int, timeout: float = 20) -> None:
+def wait_serving(process: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
+    """Block until the server's health service says SERVING; raise if it exits or times out."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise SystemExit(f"the gRPC server exited with {process.returncode}")
+                raise RuntimeError(f"disposition-server exited with {process.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -116,7 +117,7 @@ def _wait_for_server(process: subprocess.Popen[bytes], grpc_port: int, timeout: 
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise SystemExit("the gRPC server did not become healthy")
+    raise TimeoutError(f"disposition-server not serving on port {port} after {timeout} s")
 
 
 def _banner(http_port: int, grpc_port: int, creds: dict[str, str]) -> str:
@@ -160,7 +161,10 @@ def main() -> int:
     )
     with ExitStack() as stack:
         stack.callback(_stop_server, server, settings.shutdown_grace_seconds)
-        _wait_for_server(server, settings.grpc_port)
+        try:
+            wait_serving(server, settings.grpc_port)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"make run: {exc}") from None
         envoy = stack.enter_context(
             run_envoy(grpc_port=settings.grpc_port, http_port=http_port, admin_port=admin_port)
         )

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from gateway.stack import wait_serving
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -115,23 +113,6 @@ def grpc_server(
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from None
         yield proc, port
-
-
-def wait_serving(proc: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"disposition-server exited with {proc.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"disposition-server not serving on port {port} after {timeout} s")
 
 
 def ensure_running(server: subprocess.Popen[bytes], envoy_admin_port: int) -> None:
