@@ -74,8 +74,13 @@ lint: install $(BUF) ## ruff, mypy (strict, server/) and buf lint
 	$(BUF) lint
 
 .PHONY: breaking
-breaking: install $(BUF) ## buf breaking against main (AGAINST=<git ref> to change)
-	$(BUF) breaking --against '.git#branch=$(or $(AGAINST),main)'
+breaking: install $(BUF) ## buf breaking against a git ref (AGAINST=main by default)
+	rm -rf $(BUILD)/against && mkdir -p $(BUILD)/against/$(BUILD)
+	git archive $(or $(AGAINST),main) proto buf.yaml | tar -x -C $(BUILD)/against
+	cp -r $(DEPS) $(BUILD)/against/$(BUILD)/
+	cd $(BUILD)/against && $(abspath $(BUF)) build -o ../against.binpb
+	$(BUF) build -o $(BUILD)/current.binpb
+	$(BUF) breaking $(BUILD)/current.binpb --against $(BUILD)/against.binpb
 
 BENCH_TOOLS := wrk h2load
 .PHONY: bench
