@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ class RequestContext:
     tenant_id: str | None = None
     sub_tenant_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
 
 current: ContextVar[RequestContext] = ContextVar("disposition_request")
