@@ -213,3 +213,16 @@ async def test_customers_are_scoped_to_tenant_and_sub_tenant(ingestion: Any, db:
         )
         assert reply.data.created_customers == 1
     assert await count(db, Customer) == 2
+
+
+async def test_customer_profile_takes_the_latest_non_empty_values(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    first, second, later = (batch_item(f"call-{i}", "c1") for i in range(3))
+    first["customer"].update(name="Ada", email="ada@example.com")
+    second["customer"].update(name="Ada Lovelace")
+    await ingestion.IngestBatchCalls(batch_request(first, second), metadata=partner.metadata())
+    await ingestion.IngestBatchCalls(batch_request(later), metadata=partner.metadata())
+    async with db.read() as conn:
+        row = (await conn.execute(select(Customer.name, Customer.email))).one()
+    assert tuple(row) == ("Ada Lovelace", "ada@example.com")

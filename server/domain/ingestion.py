@@ -159,9 +159,10 @@ async def ingest_batch(db: Database, *, items: Sequence[BatchItem]) -> BatchOutc
         wanted = [item.customer.id for _, item in fresh if item.customer]
         known = await customers.lock_customers(conn, customer_ids=wanted, **scope)
         profiles: dict[str, tuple[str | None, str | None]] = {}
-        for _, item in fresh:
+        for _, item in fresh:  # the latest non-empty name and email win
             assert item.customer is not None
-            profiles[item.customer.id] = (item.customer.name or None, item.customer.email or None)
+            name, email = profiles.get(item.customer.id, (None, None))
+            profiles[item.customer.id] = (item.customer.name or name, item.customer.email or email)
         missing = [(cid, *profile) for cid, profile in profiles.items() if cid not in known]
         keys = {cid: state.pk for cid, state in known.items()}
         keys.update(await customers.insert_customers(conn, customers=missing, now=now, **scope))
