@@ -11,6 +11,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
 
+# Hot-path statements are built once; only their parameters change per request.
+_FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
+    Customer.tenant_id == bindparam("tenant_id"),
+    Customer.sub_tenant_id == bindparam("sub_tenant_id"),
+    Customer.customer_id == bindparam("customer_id"),
+)
+_FIND_CUSTOMER_FOR_UPDATE = _FIND_CUSTOMER.with_for_update()
+_SET_STATUS = (
+    update(Customer)
+    .where(Customer.id == bindparam("customer_pk"))
+    .values(disposition_status=bindparam("new_status"), updated_at=bindparam("now"))
+)
+
 
 @dataclass(frozen=True, slots=True)
 class CustomerState:
@@ -41,14 +54,9 @@ async def find_customer(
     (PostgreSQL: SELECT ... FOR UPDATE. SQLite: the writer's BEGIN IMMEDIATE already
     holds the database's write lock.)
     """
-    stmt = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
-        Customer.tenant_id == tenant_id,
-        Customer.sub_tenant_id == sub_tenant_id,
-        Customer.customer_id == customer_id,
-    )
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = (await conn.execute(stmt)).first()
+    params = {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id, "customer_id": customer_id}
+    stmt = _FIND_CUSTOMER_FOR_UPDATE if for_update else _FIND_CUSTOMER
+    row = (await conn.execute(stmt, params)).first()
     return None if row is None else CustomerState(*row)
 
 
@@ -142,10 +150,8 @@ async def apply_status_changes(
     if not changes:
         return
     await conn.execute(
-        update(Customer)
-        .where(Customer.id == bindparam("customer_pk"))
-        .values(disposition_status=bindparam("new_status"), updated_at=now),
-        [{"customer_pk": c.customer_pk, "new_status": c.new_status} for c in changes],
+        _SET_STATUS,
+        [{"customer_pk": c.customer_pk, "new_status": c.new_status, "now": now} for c in changes],
     )
     await conn.execute(
         insert(DispositionHistory),

@@ -5,12 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Select, delete, insert, or_, select, update
+from sqlalchemy import Select, bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Credential, Partner, TenantGrant
 
 WILDCARD = "*"
+
+
+# Hot-path statements are built once; only their parameters change per request.
+_FIND_CREDENTIAL = (
+    select(
+        Partner.id,
+        Partner.partner_id,
+        Partner.enabled,
+        Partner.rate_limit_per_minute,
+        Credential.secret_sha256,
+    )
+    .join(Credential, Credential.partner_pk == Partner.id)
+    .where(Credential.api_key == bindparam("api_key"), Credential.revoked_at.is_(None))
+)
+_HAS_GRANT = (
+    select(TenantGrant.id)
+    .where(
+        TenantGrant.partner_pk == bindparam("partner_pk"),
+        or_(TenantGrant.tenant_id == bindparam("tenant_id"), TenantGrant.tenant_id == WILDCARD),
+        or_(
+            TenantGrant.sub_tenant_id == bindparam("sub_tenant_id"),
+            TenantGrant.sub_tenant_id == WILDCARD,
+        ),
+    )
+    .limit(1)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +60,7 @@ class PartnerRecord:
 
 async def find_active_credential(conn: AsyncConnection, *, api_key: str) -> CredentialRecord | None:
     """The unrevoked credential with this key and its partner, if any."""
-    stmt = (
-        select(
-            Partner.id,
-            Partner.partner_id,
-            Partner.enabled,
-            Partner.rate_limit_per_minute,
-            Credential.secret_sha256,
-        )
-        .join(Credential, Credential.partner_pk == Partner.id)
-        .where(Credential.api_key == api_key, Credential.revoked_at.is_(None))
-    )
-    row = (await conn.execute(stmt)).first()
+    row = (await conn.execute(_FIND_CREDENTIAL, {"api_key": api_key})).first()
     return None if row is None else CredentialRecord(*row)
 
 
@@ -53,19 +68,8 @@ async def has_grant(
     conn: AsyncConnection, *, partner_pk: int, tenant_id: str, sub_tenant_id: str
 ) -> bool:
     """Whether the partner may act for this tenant and sub-tenant (`*` matches any)."""
-    stmt = (
-        select(TenantGrant.id)
-        .where(
-            TenantGrant.partner_pk == partner_pk,
-            or_(TenantGrant.tenant_id == tenant_id, TenantGrant.tenant_id == WILDCARD),
-            or_(
-                TenantGrant.sub_tenant_id == sub_tenant_id,
-                TenantGrant.sub_tenant_id == WILDCARD,
-            ),
-        )
-        .limit(1)
-    )
-    return (await conn.execute(stmt)).first() is not None
+    params = {"partner_pk": partner_pk, "tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id}
+    return (await conn.execute(_HAS_GRANT, params)).first() is not None
 
 
 def _select_partners() -> Select[int, str, str, bool, int | None, datetime]:
