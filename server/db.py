@@ -35,7 +35,9 @@ class Database:
             )
             self.reader = create_async_engine(settings.database_url, pool_size=4, max_overflow=0)
             _sqlite_pragmas(self.writer.sync_engine, settings, begin="BEGIN IMMEDIATE")
-            _sqlite_pragmas(self.reader.sync_engine, settings, begin="BEGIN")
+            # Readers run each statement in its own implicit transaction (no BEGIN round trip):
+            # every hot-path read is a single statement.
+            _sqlite_pragmas(self.reader.sync_engine, settings, begin=None)
         else:
             self.writer = create_async_engine(
                 settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True
@@ -50,7 +52,7 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A read-only snapshot."""
+        """Reads. On SQLite each statement sees the latest commit (no multi-statement snapshot)."""
         async with self.reader.begin() as conn:
             yield conn
 
@@ -65,10 +67,10 @@ class Database:
             await self.reader.dispose()
 
 
-def _sqlite_pragmas(engine: Engine, settings: Settings, *, begin: str) -> None:
+def _sqlite_pragmas(engine: Engine, settings: Settings, *, begin: str | None) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event below emit BEGIN itself.
+        # Autocommit at the driver level; the "begin" event below emits BEGIN where wanted.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -77,6 +79,8 @@ def _sqlite_pragmas(engine: Engine, settings: Settings, *, begin: str) -> None:
         cursor.execute("PRAGMA busy_timeout=5000")
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+    if begin is not None:
+
+        @event.listens_for(engine, "begin")
+        def on_begin(conn: Any) -> None:
+            conn.exec_driver_sql(begin)
