@@ -9,11 +9,9 @@ admin /listeners endpoint), so concurrent runs never race for a port.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gateway.envoy_config import DEFAULT_DESCRIPTOR, render
+from gateway.processes import die_with_parent, stop_process
 
 LISTENER_NAME = "public_http"
 
@@ -37,15 +36,6 @@ class EnvoyPorts(NamedTuple):
 
 class EnvoyStartError(RuntimeError):
     """Envoy exited or did not become ready in time."""
-
-
-def die_with_parent() -> None:
-    """In a child before exec (Linux): get SIGTERM if the launching process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def envoy_binary() -> str:
@@ -123,12 +113,7 @@ def run_envoy(
         try:
             yield _wait_ready(process, admin_address_file, log, startup_timeout)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, grace=10)
 
 
 def _wait_ready(

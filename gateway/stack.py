@@ -20,7 +20,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from gateway.envoy_process import die_with_parent, run_envoy
+from gateway.envoy_process import run_envoy
+from gateway.processes import die_with_parent, stop_process
 from server.db import Database
 from server.domain import partners
 from server.settings import Settings
@@ -160,7 +161,7 @@ def main() -> int:
         preexec_fn=die_with_parent,
     )
     with ExitStack() as stack:
-        stack.callback(_stop_server, server, settings.shutdown_grace_seconds)
+        stack.callback(stop_process, server, grace=settings.shutdown_grace_seconds + 5)
         try:
             wait_serving(server, settings.grpc_port)
         except (RuntimeError, TimeoutError) as exc:
@@ -191,16 +192,6 @@ def _drain_envoy(admin_port: int) -> None:
         time.sleep(1)
     except OSError:
         pass
-
-
-def _stop_server(server: subprocess.Popen[bytes], grace: float) -> None:
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(grace + 5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 if __name__ == "__main__":

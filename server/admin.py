@@ -13,6 +13,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 from server.db import Database
@@ -47,20 +48,12 @@ async def _create(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     issued = await partners.create_partner(
         db, partner_id=args.partner_id, name=args.name, rate_limit_per_minute=args.rate_limit
     )
-    return {
-        "partner_id": issued.partner_id,
-        "api_key": issued.api_key,
-        "api_secret": issued.api_secret,
-    }
+    return asdict(issued)
 
 
 async def _rotate(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     issued = await partners.rotate_secret(db, partner_id=args.partner_id)
-    return {
-        "partner_id": issued.partner_id,
-        "api_key": issued.api_key,
-        "api_secret": issued.api_secret,
-    }
+    return asdict(issued)
 
 
 async def _list(db: Database, args: argparse.Namespace) -> list[dict[str, Any]]:

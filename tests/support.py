@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.processes import stop_process
 from server.db import Database
 from server.domain import partners
 from server.settings import Settings
@@ -132,14 +134,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, grace=timeout, sig=sig)
 
     def log_lines(self) -> list[dict[str, Any]]:
         return [
@@ -157,6 +152,13 @@ def server_process(database_url: str, log_path: Path, **env: str) -> Iterator[Se
         yield server
     finally:
         server.stop()
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run(coro: Any) -> Any:

@@ -21,7 +21,7 @@ import pytest
 
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
-from tests.support import BIN, REPO, ServerProcess, batch_item
+from tests.support import BIN, REPO, ServerProcess, batch_item, free_port
 
 
 def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -175,12 +175,6 @@ def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
         assert "CUSTOMER_NOT_FOUND" in missing.stderr
     finally:
         server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_launcher(workdir: Path, ports: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:

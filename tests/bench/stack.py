@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from gateway.processes import stop_process
 from gateway.stack import wait_serving
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,24 +41,6 @@ class Partner:
         }
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the server cannot report GRPC_PORT=0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; always reaps the child."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
-
-
 @contextmanager
 def child(
     argv: Sequence[str], *, env: dict[str, str], log: IO[bytes]
@@ -68,7 +50,7 @@ def child(
     try:
         yield proc
     finally:
-        stop_process(proc)
+        stop_process(proc, grace=15)
 
 
 def database_env(db_path: Path) -> dict[str, str]:
