@@ -196,10 +196,9 @@ class TenantInterceptor(_Gate):
         tenant_id, sub_tenant_id = access.require_tenant(
             ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")
         )
-        assert ctx.partner_pk is not None and ctx.partner_id is not None
-        principal = access.Principal(ctx.partner_pk, ctx.partner_id, ctx.rate_limit_per_minute)
+        assert ctx.partner_pk is not None
         await access.authorize_tenant(
-            self.db, principal=principal, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+            self.db, partner_pk=ctx.partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
         )
         ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
 

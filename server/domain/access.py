@@ -44,12 +44,12 @@ def require_tenant(tenant_id: str | None, sub_tenant_id: str | None) -> tuple[st
 
 
 async def authorize_tenant(
-    db: Database, *, principal: Principal, tenant_id: str, sub_tenant_id: str
+    db: Database, *, partner_pk: int, tenant_id: str, sub_tenant_id: str
 ) -> None:
     """The partner must hold a grant for this tenant and sub-tenant."""
     async with db.read() as conn:
         granted = await partners.has_grant(
-            conn, partner_pk=principal.partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+            conn, partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
         )
     if not granted:
         raise Forbidden()
