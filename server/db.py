@@ -9,16 +9,29 @@ PostgreSQL uses one pooled engine for both; writers lock the rows they change.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from server.models import Base
 from server.settings import Settings
+
+
+class SchemaOutdated(RuntimeError):
+    """The database's tables lack columns this version needs."""
+
+
+def _missing_columns(conn: Connection) -> list[str]:
+    inspector = inspect(conn)
+    missing: list[str] = []
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
+    return missing
 
 
 class Database:
@@ -43,12 +56,19 @@ class Database:
                 settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True
             )
             self.reader = self.writer
+        self._commit_listeners: list[Callable[[], None]] = []
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every successful write() commit of this process."""
+        self._commit_listeners.append(listener)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that commits on success (before the caller replies) or rolls back."""
         async with self.writer.begin() as conn:
             yield conn
+        for listener in self._commit_listeners:
+            listener()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -57,9 +77,15 @@ class Database:
             yield conn
 
     async def create_schema(self) -> None:
-        """Create missing tables (idempotent)."""
+        """Create missing tables (idempotent); refuse a database whose tables are out of date."""
         async with self.write() as conn:
             await conn.run_sync(Base.metadata.create_all)
+            missing = await conn.run_sync(_missing_columns)
+        if missing:
+            raise SchemaOutdated(
+                f"{self.settings.database_url}: the database predates this version "
+                f"(missing columns: {', '.join(missing)}); recreate it or migrate it"
+            )
 
     async def dispose(self) -> None:
         await self.writer.dispose()

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from server.app import App
-from server.db import Database
+from server.db import Database, SchemaOutdated
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("disposition")
@@ -69,7 +69,11 @@ def main() -> None:
         print(f"disposition-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except SchemaOutdated as exc:
+        print(f"disposition-server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

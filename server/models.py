@@ -109,12 +109,22 @@ class Call(Base):
 
 
 class DispositionHistory(Base):
-    """Append-only: one row per real change of a customer's disposition status."""
+    """Append-only: one row per real change of a customer's disposition status.
+
+    `seq` is the change's position in its tenant's change feed (the feed cursor): it is taken
+    from FeedSequence in the writing transaction, whose row lock is held until commit, so the
+    changes of a tenant become visible in `seq` order on every engine.
+    """
 
     __tablename__ = "disposition_history"
-    __table_args__ = (Index("ix_history_customer", "customer_pk", "id"),)
+    __table_args__ = (
+        Index("ix_history_customer", "customer_pk", "id"),
+        UniqueConstraint("tenant_id", "seq", name="uq_history_tenant_seq"),
+        Index("ix_history_tenant_changed_at", "tenant_id", "sub_tenant_id", "changed_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
     customer_pk: Mapped[int] = mapped_column(ForeignKey("customers.id"))
     tenant_id: Mapped[str] = mapped_column(String(255))
     sub_tenant_id: Mapped[str] = mapped_column(String(255))
@@ -124,3 +134,51 @@ class DispositionHistory(Base):
     partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
     request_id: Mapped[str] = mapped_column(String(128))
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FeedSequence(Base):
+    """The last change-feed cursor handed out for a tenant."""
+
+    __tablename__ = "feed_sequences"
+
+    tenant_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class CatalogEntry(Base):
+    """One allowed status of a tenant's disposition catalog.
+
+    `sub_tenant_id` is `*` for the tenant-wide catalog; a sub-tenant's own catalog, when it has
+    one, replaces the tenant-wide one for that sub-tenant.
+    """
+
+    __tablename__ = "disposition_catalog"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "sub_tenant_id", "disposition_status", name="uq_catalog"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    position: Mapped[int] = mapped_column(Integer)
+    disposition_status: Mapped[str] = mapped_column(String(255))
+    label: Mapped[str] = mapped_column(String(255))
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    do_not_call: Mapped[bool] = mapped_column(Boolean, default=False)
+    callback: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyRecord(Base):
+    """The first reply to a request sent with an `Idempotency-Key`, per partner."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("partner_pk", "key", name="uq_idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    response: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -10,6 +10,7 @@ from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
+from server.storage import history
 
 # Hot-path statements are built once; only their parameters change per request.
 _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
@@ -149,6 +150,8 @@ async def apply_status_changes(
     """Set each customer's new status and append one history row per change."""
     if not changes:
         return
+    last_seq = await history.advance_cursor(conn, tenant_id=tenant_id, count=len(changes))
+    first_seq = last_seq - len(changes) + 1
     await conn.execute(
         _SET_STATUS,
         [{"customer_pk": c.customer_pk, "new_status": c.new_status, "now": now} for c in changes],
@@ -157,6 +160,7 @@ async def apply_status_changes(
         insert(DispositionHistory),
         [
             {
+                "seq": first_seq + position,
                 "customer_pk": c.customer_pk,
                 "tenant_id": tenant_id,
                 "sub_tenant_id": sub_tenant_id,
@@ -167,6 +171,6 @@ async def apply_status_changes(
                 "request_id": request_id,
                 "changed_at": now,
             }
-            for c in changes
+            for position, c in enumerate(changes)
         ],
     )

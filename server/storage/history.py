@@ -1,0 +1,123 @@
+"""The disposition history as a change feed: cursors per tenant and reads of changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Select, bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.models import Customer, DispositionHistory, FeedSequence, Partner
+
+
+def _advance(dialect: str) -> object:
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    stmt = insert(FeedSequence).values(tenant_id=bindparam("tenant_id"), last_seq=bindparam("n"))
+    return stmt.on_conflict_do_update(
+        index_elements=[FeedSequence.tenant_id],
+        set_={"last_seq": FeedSequence.last_seq + bindparam("n")},
+    ).returning(FeedSequence.last_seq)
+
+
+_ADVANCE = {"sqlite": _advance("sqlite"), "postgresql": _advance("postgresql")}
+_LAST_SEQS = select(FeedSequence.tenant_id, FeedSequence.last_seq).where(
+    FeedSequence.tenant_id.in_(bindparam("tenant_ids", expanding=True))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One history row with the public ids it refers to."""
+
+    seq: int
+    id: int
+    customer_id: str
+    tenant_id: str
+    sub_tenant_id: str
+    previous_status: str | None
+    new_status: str | None
+    changed_at: datetime
+    source: str
+    partner_id: str
+    request_id: str
+
+
+async def advance_cursor(conn: AsyncConnection, *, tenant_id: str, count: int) -> int:
+    """Reserve `count` cursors for the tenant; returns the last one.
+
+    The upsert locks the tenant's row until the transaction ends, so writers of one tenant
+    take cursors in commit order (SQLite: the single writer already serializes them).
+    """
+    stmt = _ADVANCE[conn.dialect.name]
+    row = (await conn.execute(stmt, {"tenant_id": tenant_id, "n": count})).one()  # type: ignore[call-overload]
+    return int(row[0])
+
+
+async def last_cursors(conn: AsyncConnection, *, tenant_ids: Sequence[str]) -> dict[str, int]:
+    """The last cursor handed out for each tenant (absent: no change yet)."""
+    rows = await conn.execute(_LAST_SEQS, {"tenant_ids": list(tenant_ids)})
+    return {tenant_id: int(seq) for tenant_id, seq in rows}
+
+
+def select_changes() -> Select[tuple[int, int, str, str, str, str | None, str | None, datetime, str, str, str]]:
+    """History rows as ChangeRecord columns (join customers and partners for public ids)."""
+    h = DispositionHistory
+    return (
+        select(
+            h.seq,
+            h.id,
+            Customer.customer_id,
+            h.tenant_id,
+            h.sub_tenant_id,
+            h.previous_status,
+            h.new_status,
+            h.changed_at,
+            h.source,
+            Partner.partner_id,
+            h.request_id,
+        )
+        .join(Customer, Customer.id == h.customer_pk)
+        .join(Partner, Partner.id == h.partner_pk)
+    )
+
+
+def to_record(row: Sequence[object]) -> ChangeRecord:
+    record = ChangeRecord(*row)  # type: ignore[arg-type]
+    if record.changed_at.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+        return ChangeRecord(
+            *row[:7], record.changed_at.replace(tzinfo=UTC), *row[8:]  # type: ignore[arg-type]
+        )
+    return record
+
+
+_CHANGES_AFTER = (
+    select_changes()
+    .where(
+        DispositionHistory.tenant_id == bindparam("tenant_id"),
+        DispositionHistory.seq > bindparam("after"),
+    )
+    .order_by(DispositionHistory.seq)
+    .limit(bindparam("limit"))
+)
+_CHANGES_AFTER_IN_SUB_TENANT = _CHANGES_AFTER.where(
+    DispositionHistory.sub_tenant_id == bindparam("sub_tenant_id")
+)
+
+
+async def changes_after(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    sub_tenant_id: str | None,
+    after: int,
+    limit: int,
+) -> list[ChangeRecord]:
+    """The tenant's changes with a cursor above `after`, in cursor order (None: all sub-tenants)."""
+    params: dict[str, object] = {"tenant_id": tenant_id, "after": after, "limit": limit}
+    stmt = _CHANGES_AFTER
+    if sub_tenant_id is not None:
+        stmt, params["sub_tenant_id"] = _CHANGES_AFTER_IN_SUB_TENANT, sub_tenant_id
+    return [to_record(row) for row in await conn.execute(stmt, params)]

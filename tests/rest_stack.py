@@ -1,0 +1,82 @@
+"""A real stack for REST tests: disposition-server process + Envoy + SQLite file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.envoy_process import EnvoyPorts, run_envoy
+from server.db import Database
+from tests.http_helpers import Reply, call
+from tests.support import Credentials, ServerProcess, batch_item, onboard, run, settings_for
+
+UPDATE = "/api/v1/partner/ingest/disposition-status"
+BATCH = "/api/v1/partner/ingest/batch-call"
+
+
+@dataclass
+class Stack:
+    database_url: str
+    db_path: Path
+    server: ServerProcess
+    envoy: EnvoyPorts
+    partner: Credentials
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        creds: Credentials | None = None,
+        **headers: str | None,
+    ) -> Reply:
+        """A REST call through Envoy; `body` is JSON-encoded unless bytes; headers as overrides."""
+        raw = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        headers_ = (creds or self.partner).headers(**headers)
+        return call(self.envoy.http_port, method, path, raw, headers_)
+
+    def put(self, body: object, creds: Credentials | None = None, **headers: str | None) -> Reply:
+        return self.request("PUT", UPDATE, body, creds, **headers)
+
+    def ingest(self, creds: Credentials, *items: dict[str, object]) -> Reply:
+        return call(
+            self.envoy.http_port, "POST", BATCH, json.dumps({"data": list(items)}), creds.headers()
+        )
+
+    def onboard(self, partner_id: str, **kwargs: object) -> Credentials:
+        async def go() -> Credentials:
+            db = Database(settings_for(self.database_url))
+            try:
+                return await onboard(db, partner_id, **kwargs)  # type: ignore[arg-type]
+            finally:
+                await db.dispose()
+
+        return run(go())  # type: ignore[no-any-return]
+
+    def history(self, customer_id: str) -> list[tuple[str | None, str | None, str, str]]:
+        with sqlite3.connect(self.db_path) as conn:
+            return conn.execute(
+                "SELECT h.previous_status, h.new_status, h.source, h.request_id"
+                " FROM disposition_history h JOIN customers c ON c.id = h.customer_pk"
+                " WHERE c.customer_id = ? ORDER BY h.id",
+                (customer_id,),
+            ).fetchall()
+
+
+def start_stack(tmp: Path) -> Iterator[Stack]:
+    db_path = tmp / "disposition.db"
+    url = f"sqlite+aiosqlite:///{db_path}"
+    server = ServerProcess(url, tmp / "server.log")
+    server.start()
+    try:
+        with run_envoy(grpc_port=server.port, log_path=tmp / "envoy.log") as envoy:
+            stack = Stack(url, db_path, server, envoy, Credentials("", "", ""))
+            stack.partner = stack.onboard("123")
+            reply = stack.ingest(stack.partner, batch_item("call-1", "customer123"))
+            assert reply.status == 200, reply.body
+            yield stack
+    finally:
+        server.stop()
