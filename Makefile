@@ -84,11 +84,11 @@ breaking: install $(BUF) ## buf breaking against a git ref (AGAINST=main by defa
 
 BENCH_TOOLS := wrk h2load
 .PHONY: bench
-bench: install ## Benchmark the real stack (REST via wrk, gRPC via h2load), prints JSON
+bench: install ## Benchmark: REST/gRPC updates, feed latency, batch updates (BENCH_ARGS=--help)
 	@for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || { \
 	  echo "installing wrk and nghttp2-client (h2load) from Debian's packages"; \
 	  apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null; break; }; done
-	$(PY) -m tests.bench.run_bench
+	$(PY) -m tests.bench.run_bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove generated code and build tools (keeps .venv and var/)

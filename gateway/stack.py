@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.envoy_process import run_envoy
 from gateway.processes import die_with_parent, stop_process
-from server.db import Database
+from server.db import Database, SchemaOutdated
 from server.domain import partners
 from server.settings import Settings
 
@@ -146,7 +146,10 @@ def main() -> int:
     settings = Settings.from_env()
     http_port = int(os.environ.get("HTTP_PORT", "8080"))
     admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
-    creds = asyncio.run(demo_credentials(settings))
+    try:
+        creds = asyncio.run(demo_credentials(settings))
+    except SchemaOutdated as exc:
+        raise SystemExit(f"make run: {exc} (a local demo database can simply be deleted)") from None
     stop = {"signal": 0}
 
     def request_stop(signum: int, _frame: object) -> None:

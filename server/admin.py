@@ -1,4 +1,4 @@
-"""`disposition-admin`: manage partners, credentials and tenant grants.
+"""`disposition-admin`: manage partners, credentials, tenant grants and disposition catalogs.
 
 Works against the database of a running stack (reads DATABASE_URL); changes take
 effect on the next request, with no restart. Output is JSON on stdout; errors go
@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from server.db import Database
-from server.domain import partners
+from server.domain import catalogs, partners
 from server.settings import Settings, SettingsError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 1, 2, 3, 4
@@ -108,6 +108,57 @@ def _grant_result(args: argparse.Namespace, *, granted: bool, changed: bool) -> 
     }
 
 
+def _catalog_file(path: str) -> list[catalogs.Disposition]:
+    """`--file`: a JSON list of dispositions, checked before the database is touched."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            raw = json.load(file)
+        return catalogs.parse_definitions(raw)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {exc}") from None
+    except catalogs.InvalidCatalog as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc}") from None
+
+
+def _catalog_tenant(value: str) -> str:
+    value = _text("--tenant")(value)
+    if value == catalogs.TENANT_WIDE:
+        raise argparse.ArgumentTypeError("a catalog belongs to one tenant; '*' is not a tenant")
+    return value
+
+
+def _catalog_result(
+    args: argparse.Namespace, dispositions: list[catalogs.Disposition]
+) -> dict[str, Any]:
+    return {
+        "tenant_id": args.tenant,
+        "sub_tenant_id": args.sub_tenant,
+        "dispositions": [asdict(entry) for entry in dispositions],
+    }
+
+
+async def _catalog_set(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    scope = {"tenant_id": args.tenant, "sub_tenant_id": args.sub_tenant}
+    await catalogs.set_catalog(db, **scope, dispositions=args.file)
+    return _catalog_result(args, await catalogs.get_catalog(db, **scope))
+
+
+async def _catalog_list(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    found = await catalogs.get_catalog(db, tenant_id=args.tenant, sub_tenant_id=args.sub_tenant)
+    return _catalog_result(args, found)
+
+
+async def _catalog_clear(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    removed = await catalogs.clear_catalog(db, tenant_id=args.tenant, sub_tenant_id=args.sub_tenant)
+    if not removed:
+        raise LookupError(
+            f"tenant {args.tenant!r} has no catalog for sub-tenant {args.sub_tenant!r}"
+        )
+    return {"tenant_id": args.tenant, "sub_tenant_id": args.sub_tenant, "cleared": removed}
+
+
 async def _init_db(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     await db.create_schema()
     return {"schema": "ready"}
@@ -194,6 +245,47 @@ def build_parser() -> argparse.ArgumentParser:
     grant_args(command(commands, "revoke", _revoke, "Withdraw a tenant grant."))
     command(commands, "list", _list, "List partners and their grants (same as 'partner list').")
     command(commands, "init-db", _init_db, "Create the schema if it does not exist.")
+
+    catalog = commands.add_parser(
+        "catalog", help="set, list, clear: the disposition statuses a tenant accepts"
+    )
+    catalog_commands = catalog.add_subparsers(
+        dest="catalog_command", required=True, metavar="ACTION"
+    )
+
+    def catalog_args(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--tenant", required=True, type=_catalog_tenant)
+        sub.add_argument(
+            "--sub-tenant",
+            default=catalogs.TENANT_WIDE,
+            type=_text("--sub-tenant"),
+            help="omitted or '*': the tenant-wide catalog",
+        )
+        return sub
+
+    catalog_args(
+        command(
+            catalog_commands,
+            "set",
+            _catalog_set,
+            "Replace a catalog with the JSON list in --file (atomically).",
+        )
+    ).add_argument(
+        "--file",
+        required=True,
+        type=_catalog_file,
+        help='[{"disposition_status": ..., "label"?: ..., "final"?, "do_not_call"?, '
+        '"callback"?: true|false}, ...]',
+    )
+    catalog_args(command(catalog_commands, "list", _catalog_list, "Print a catalog as JSON."))
+    catalog_args(
+        command(
+            catalog_commands,
+            "clear",
+            _catalog_clear,
+            "Remove a catalog (a sub-tenant falls back to the tenant-wide one, else any status).",
+        )
+    )
     return parser
 
 

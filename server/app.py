@@ -19,6 +19,7 @@ from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
 from server.db import Database
+from server.domain.feed import FeedHub
 from server.domain.ratelimit import InProcessRateLimiter, RateLimiter
 from server.interceptors import (
     AuthInterceptor,
@@ -59,8 +60,13 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        self.feed = FeedHub(
+            db,
+            poll_seconds=settings.feed_poll_seconds,
+            heartbeat_seconds=settings.feed_heartbeat_seconds,
+        )
         disposition_grpc.add_DispositionServiceServicer_to_server(
-            DispositionService(db), self.server
+            DispositionService(db, self.feed), self.server
         )
         ingestion_grpc.add_CallIngestionServiceServicer_to_server(
             CallIngestionService(db), self.server
@@ -86,5 +92,6 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish within the grace, close the pools."""
         await self.health.enter_graceful_shutdown()
+        await self.feed.close()  # watchers get UNAVAILABLE at once instead of holding the drain
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.db.dispose()

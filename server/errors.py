@@ -77,6 +77,13 @@ class MalformedRequest(BadRequest):
     reason = "MALFORMED_REQUEST"
 
 
+class InvalidIdempotencyKey(BadRequest):
+    """`Idempotency-Key` is empty, too long or not printable ASCII (400)."""
+
+    default_message = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+    reason = "INVALID_IDEMPOTENCY_KEY"
+
+
 class ValidationFailed(ServiceError):
     """The body breaks one or more field rules (422, with a BadRequest detail)."""
 
@@ -97,6 +104,17 @@ class ValidationFailed(ServiceError):
             ]
         )
         return [*super().details(), _pack(bad_request)]
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    """The partner sent this `Idempotency-Key` before with another body or endpoint (422)."""
+
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            [("Idempotency-Key", "Idempotency-Key was already used with a different request")]
+        )
 
 
 class CustomerNotFound(ServiceError):
@@ -135,6 +153,15 @@ class RateLimited(ServiceError):
             retry_delay=duration_pb2.Duration(seconds=self.retry_after_seconds)
         )
         return [*super().details(), _pack(retry)]
+
+
+class ServiceUnavailable(ServiceError):
+    """The server is shutting down or cannot serve now; retry, elsewhere if possible (503)."""
+
+    code = code_pb2.UNAVAILABLE
+    http_status = 503
+    default_message = "Service unavailable"
+    reason = "UNAVAILABLE"
 
 
 def _pack(message: object) -> any_pb2.Any:

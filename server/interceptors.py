@@ -7,15 +7,16 @@ and handlers raise domain errors; both surface in `_translate_errors`.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 
 from server import context
@@ -35,6 +36,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Rpc: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 Behavior: TypeAlias = Callable[[Any, "Rpc"], Awaitable[Any]]
+StreamBehavior: TypeAlias = Callable[[Any, "Rpc"], AsyncIterator[Any]]
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -68,13 +70,21 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             )
         )
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or _is_exempt(handler_call_details):
+        if handler is None or _is_exempt(handler_call_details):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _translate_errors(cast(Behavior, handler.unary_unary)),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _translate_errors(cast(Behavior, handler.unary_unary)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _translate_stream_errors(cast(StreamBehavior, handler.unary_stream)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 class _Undecodable:
@@ -98,32 +108,51 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 def _translate_errors(behavior: Behavior) -> Behavior:
     async def wrapper(request: Any, rpc: Rpc) -> Any:
         ctx = context.get()
-        error: ServiceError | None = None
         try:
             if isinstance(request, _Undecodable):
                 raise MalformedRequest()
             response = await behavior(request, rpc)
-        except ServiceError as exc:
-            error = exc
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": ctx.request_id})
-            error = ServiceError()
-        _log_rpc(ctx, "OK" if error is None else type(error).__name__)
-        if error is None:
-            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
-            return response
-        await rpc.abort(
-            _STATUS_CODES[error.code],
-            error.message,
-            trailing_metadata=(
-                ("x-request-id", ctx.request_id),
-                ("grpc-status-details-bin", error.to_status().SerializeToString()),
-            ),
-        )
+        except Exception as exc:
+            await _fail(ctx, rpc, exc)
+        _log_rpc(ctx, "OK")
+        rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        return response
 
     return wrapper
+
+
+def _translate_stream_errors(behavior: StreamBehavior) -> StreamBehavior:
+    async def wrapper(request: Any, rpc: Rpc) -> AsyncIterator[Any]:
+        ctx = context.get()
+        try:
+            if isinstance(request, _Undecodable):
+                raise MalformedRequest()
+            async for response in behavior(request, rpc):
+                yield response
+        except Exception as exc:
+            await _fail(ctx, rpc, exc)
+        _log_rpc(ctx, "OK")
+        rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+
+    return wrapper
+
+
+async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception) -> NoReturn:
+    """End the RPC with the status of a ServiceError; anything else is logged and INTERNAL."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    error = exc if isinstance(exc, ServiceError) else ServiceError()
+    if error is not exc:
+        log.exception("unhandled error", extra={"request_id": ctx.request_id})
+    _log_rpc(ctx, type(error).__name__)
+    await rpc.abort(
+        _STATUS_CODES[error.code],
+        error.message,
+        trailing_metadata=(
+            ("x-request-id", ctx.request_id),
+            ("grpc-status-details-bin", error.to_status().SerializeToString()),
+        ),
+    )
 
 
 def _log_rpc(ctx: RequestContext, outcome: str) -> None:
@@ -143,11 +172,32 @@ def _log_rpc(ctx: RequestContext, outcome: str) -> None:
         )
 
 
-def _refusal(error: ServiceError) -> Handler:
+def _refusal(error: ServiceError, method: str) -> Handler:
+    """A handler of the method's kind that fails with `error` (surfaced by _translate_errors)."""
+    if _is_server_streaming(method):
+
+        async def refuse_stream(_request: Any, _rpc: Rpc) -> AsyncIterator[Any]:
+            raise error
+            yield  # a generator, like the handler it stands in for
+
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+
     async def refuse(_request: Any, _rpc: Rpc) -> Any:
         raise error
 
     return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+@functools.cache
+def _is_server_streaming(method: str) -> bool:
+    """Whether `/package.Service/Method` streams its responses (by its proto descriptor)."""
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        descriptor = descriptor_pool.Default().FindServiceByName(service)
+    except KeyError:
+        return False
+    found = descriptor.methods_by_name.get(name)
+    return found is not None and found.server_streaming
 
 
 class _Gate(grpc.aio.ServerInterceptor):
@@ -161,7 +211,7 @@ class _Gate(grpc.aio.ServerInterceptor):
         try:
             await self.check(context.get())
         except ServiceError as error:
-            return _refusal(error)
+            return _refusal(error, handler_call_details.method)
         return await continuation(handler_call_details)
 
     async def check(self, ctx: RequestContext) -> None:

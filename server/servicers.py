@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from disposition.v1 import (
     call_ingestion_service_pb2 as ingestion_pb2,
@@ -18,13 +21,36 @@ from disposition.v1 import (
 from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
+from server import context as request_context
 from server.db import Database
-from server.domain import dispositions, ingestion
+from server.domain import (
+    batch_updates,
+    catalogs,
+    dispositions,
+    idempotency,
+    ingestion,
+    reports,
+)
+from server.domain.feed import FeedHub
+from server.storage.history import ChangeRecord
 
 
 class DispositionService(disposition_grpc.DispositionServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, feed: FeedHub) -> None:
         self.db = db
+        self.feed = feed
+
+    async def WatchDispositionChanges(
+        self,
+        request: disposition_pb2.WatchDispositionChangesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[disposition_pb2.WatchDispositionChangesResponse]:
+        async for batch in self.feed.watch(
+            after_cursor=request.after_cursor, start_at_latest=request.start_at_latest
+        ):
+            yield disposition_pb2.WatchDispositionChangesResponse(
+                changes=[change_message(change) for change in batch.changes], cursor=batch.cursor
+            )
 
     async def UpdateDispositionStatus(
         self,
@@ -40,6 +66,133 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         )
         return disposition_pb2.UpdateDispositionStatusResponse(success=True)
 
+    async def BatchUpdateDispositionStatus(
+        self,
+        request: disposition_pb2.BatchUpdateDispositionStatusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> disposition_pb2.BatchUpdateDispositionStatusResponse:
+        outcome = await batch_updates.batch_update(
+            self.db,
+            items=[
+                batch_updates.UpdateItem(
+                    customer_id=item.customer_id,
+                    disposition_status=(
+                        item.disposition_status if item.HasField("disposition_status") else None
+                    ),
+                )
+                for item in request.items
+            ],
+        )
+        return disposition_pb2.BatchUpdateDispositionStatusResponse(
+            success=True,
+            data=disposition_pb2.BatchUpdateDispositionStatusResult(
+                ok=outcome.count(batch_updates.OK),
+                not_found=outcome.count(batch_updates.NOT_FOUND),
+                invalid=outcome.count(batch_updates.INVALID),
+                changed=outcome.changed,
+                items=[
+                    disposition_pb2.DispositionStatusUpdateOutcome(
+                        index=item.index,
+                        customer_id=item.customer_id,
+                        status=item.status,
+                        changed=item.changed,
+                        errors=[
+                            disposition_pb2.FieldError(field=field, message=message)
+                            for field, message in item.errors
+                        ],
+                    )
+                    for item in outcome.items
+                ],
+            ),
+        )
+
+    async def ListDispositions(
+        self,
+        request: disposition_pb2.ListDispositionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> disposition_pb2.ListDispositionsResponse:
+        catalog = await catalogs.list_dispositions(self.db)
+        return disposition_pb2.ListDispositionsResponse(
+            success=True,
+            data=disposition_pb2.DispositionCatalog(
+                restricted=catalog.restricted,
+                scope=catalog.scope,
+                dispositions=[
+                    disposition_pb2.DispositionDefinition(
+                        disposition_status=entry.disposition_status,
+                        label=entry.label,
+                        final=entry.final,
+                        do_not_call=entry.do_not_call,
+                        callback=entry.callback,
+                    )
+                    for entry in catalog.dispositions
+                ],
+            ),
+        )
+
+    async def GetDispositionStatus(
+        self,
+        request: disposition_pb2.GetDispositionStatusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> disposition_pb2.GetDispositionStatusResponse:
+        status = await reports.get_status(self.db, customer_id=request.customer_id)
+        return disposition_pb2.GetDispositionStatusResponse(
+            success=True,
+            data=disposition_pb2.CustomerDispositionStatus(
+                customer_id=status.customer_id,
+                disposition_status=status.disposition_status,
+                updated_at=_timestamp(status.updated_at),
+            ),
+        )
+
+    async def ListDispositionHistory(
+        self,
+        request: disposition_pb2.ListDispositionHistoryRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> disposition_pb2.ListDispositionHistoryResponse:
+        page = await reports.list_history(
+            self.db,
+            customer_id=request.customer_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return disposition_pb2.ListDispositionHistoryResponse(
+            success=True,
+            data=disposition_pb2.DispositionHistoryPage(
+                customer_id=page.customer_id,
+                items=[change_message(change) for change in page.items],
+                next_page_token=page.next_page_token,
+            ),
+        )
+
+    async def GetDispositionSummary(
+        self,
+        request: disposition_pb2.GetDispositionSummaryRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> disposition_pb2.GetDispositionSummaryResponse:
+        summary = await reports.get_summary(
+            self.db, window_from=getattr(request, "from"), window_to=request.to
+        )
+        data = disposition_pb2.DispositionSummary(
+            tenant_id=summary.tenant_id,
+            sub_tenant_id=summary.sub_tenant_id,
+            **{"from": summary.window_from},  # a Python keyword
+            to=summary.window_to,
+            total_customers=summary.total_customers,
+            customers_without_status=summary.customers_without_status,
+            total_changes=summary.total_changes,
+            statuses=[
+                disposition_pb2.DispositionStatusCount(
+                    disposition_status=count.disposition_status,
+                    customers=count.customers,
+                    changes=count.changes,
+                )
+                for count in summary.statuses
+            ],
+            generated_at=_timestamp(summary.generated_at),
+        )
+        return disposition_pb2.GetDispositionSummaryResponse(success=True, data=data)
+
 
 class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
     def __init__(self, db: Database) -> None:
@@ -50,9 +203,13 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
         request: ingestion_pb2.IngestBatchCallsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ingestion_pb2.IngestBatchCallsResponse:
-        outcome = await ingestion.ingest_batch(
-            self.db, items=[_batch_item(item) for item in request.data]
+        result = await ingestion.ingest_batch(
+            self.db,
+            items=[_batch_item(item) for item in request.data],
+            idempotency_key=_idempotency_key(),
         )
+        await _mark_replay(context, result)
+        outcome = result.value
         return ingestion_pb2.IngestBatchCallsResponse(
             success=True,
             data=ingestion_pb2.IngestBatchCallsResult(
@@ -71,6 +228,19 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
                 ],
             ),
         )
+
+
+def _idempotency_key() -> str | None:
+    """The request's `idempotency-key` metadata (HTTP `Idempotency-Key`), if sent."""
+    return request_context.get().headers.get(idempotency.HEADER)
+
+
+async def _mark_replay(
+    context: grpc.aio.ServicerContext[Any, Any], result: idempotency.Result[Any]
+) -> None:
+    """A stored reply carries `idempotent-replayed: true` (initial metadata: an HTTP header)."""
+    if result.replayed:
+        await context.send_initial_metadata(((idempotency.REPLAYED_HEADER, "true"),))
 
 
 def _batch_item(item: ingestion_pb2.BatchCallItem) -> ingestion.BatchItem:
@@ -102,3 +272,26 @@ def _batch_item(item: ingestion_pb2.BatchCallItem) -> ingestion.BatchItem:
         metadata=dict(item.metadata),
         custom_fields=[(field.internal_name, field.value) for field in item.custom_fields],
     )
+
+
+def change_message(change: ChangeRecord) -> disposition_pb2.DispositionChange:
+    """A history row as the DispositionChange of the history API and the change feed."""
+    message = disposition_pb2.DispositionChange(
+        cursor=change.seq,
+        customer_id=change.customer_id,
+        previous_status=change.previous_status or "",
+        disposition_status=change.new_status or "",
+        source=change.source,
+        partner_id=change.partner_id,
+        request_id=change.request_id,
+        tenant_id=change.tenant_id,
+        sub_tenant_id=change.sub_tenant_id,
+    )
+    message.changed_at.FromDatetime(change.changed_at)
+    return message
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -27,6 +27,10 @@ class Settings:
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "INFO"
     environment: str = "development"
+    # The change feed: how often a watched tenant's cursor is polled for other processes'
+    # commits (this process's own commits wake watchers at once), and the heartbeat period.
+    feed_poll_seconds: float = 0.05
+    feed_heartbeat_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -40,6 +44,8 @@ class Settings:
             shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "10")),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             environment=env.get("DISPOSITION_ENV", "development"),
+            feed_poll_seconds=_float(env, "FEED_POLL_SECONDS", 0.05, minimum=0.001),
+            feed_heartbeat_seconds=_float(env, "FEED_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
         )
         settings.check()
         return settings
@@ -80,4 +86,17 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also refuses NaN
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw}")
     return value

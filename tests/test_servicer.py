@@ -21,6 +21,7 @@ from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server import context
 from server.context import RequestContext
 from server.db import Database
+from server.domain.feed import FeedHub
 from server.errors import CustomerNotFound
 from server.servicers import CallIngestionService, DispositionService
 from tests.grpc_helpers import batch_request, history, update_request
@@ -86,7 +87,7 @@ def harness(tmp_path: Path) -> Iterator[tuple[grpc_testing.Server, Database, Loo
         tenant_id="tenant1",
         sub_tenant_id="subtenant1",
     )
-    updates = Synchronous(DispositionService(db), loop, ctx)
+    updates = Synchronous(DispositionService(db, FeedHub(db)), loop, ctx)
     server = grpc_testing.server_from_dictionary(
         {
             UPDATE.containing_service: updates,

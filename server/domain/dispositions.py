@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from server import context
 from server.db import Database
-from server.domain import validation
+from server.domain import catalogs, validation
 from server.errors import CustomerNotFound, ValidationFailed
 from server.storage import customers
 from server.storage.customers import StatusChange
@@ -27,8 +27,9 @@ async def update_disposition_status(
 ) -> bool:
     """Apply one update for the caller's tenant; True if the status changed.
 
-    None leaves the status as it is, "" clears it, anything else sets it. A real
-    change and its history row commit together before this returns.
+    None leaves the status as it is, "" clears it, anything else sets it (and must be
+    in the tenant's catalog when it has one). A real change and its history row
+    commit together before this returns.
     """
     validate_update(customer_id, disposition_status)
     ctx = context.get()
@@ -44,6 +45,9 @@ async def update_disposition_status(
         return False
     new_status = disposition_status or None
     async with db.write() as conn:
+        if new_status is not None:  # clearing is always allowed
+            catalog = await catalogs.load(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
+            catalog.require([("disposition_status", new_status)])
         state = await customers.find_customer(
             conn,
             tenant_id=tenant_id,

@@ -9,13 +9,14 @@ from typing import Any
 
 from server import context
 from server.db import Database
-from server.domain import validation
+from server.domain import catalogs, idempotency, validation
 from server.errors import ValidationFailed
 from server.storage import calls, customers
 from server.storage.customers import StatusChange
 
 MAX_BATCH = 1000
 SOURCE_BATCH_CALL = "batch_call"
+METHOD = "disposition.v1.CallIngestionService/IngestBatchCalls"  # for idempotency keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +73,19 @@ class BatchOutcome:
     def created_customers(self) -> int:
         return sum(1 for item in self.items if item.customer_created)
 
+    @classmethod
+    def from_json(cls, data: Any) -> BatchOutcome:
+        """The outcome stored with an idempotency key (idempotency.to_json), rebuilt."""
+        return cls([ItemOutcome(**item) for item in data["items"]])
 
-def validate_batch(items: Sequence[BatchItem]) -> list[tuple[datetime, datetime]]:
-    """Every problem of every item, or the parsed (start, end) times of each item."""
+
+def validate_batch(
+    items: Sequence[BatchItem], catalog: catalogs.Catalog = catalogs.UNRESTRICTED
+) -> list[tuple[datetime, datetime]]:
+    """Every problem of every item, or the parsed (start, end) times of each item.
+
+    Statuses are checked against `catalog` too (ingest_batch checks them in its transaction).
+    """
     out: validation.Violations = []
     if not items:
         raise ValidationFailed([("data", "data should not be empty")])
@@ -83,14 +94,18 @@ def validate_batch(items: Sequence[BatchItem]) -> list[tuple[datetime, datetime]
     times: list[tuple[datetime, datetime]] = []
     seen_calls: set[str] = set()
     for index, item in enumerate(items):
-        times.append(_validate_item(out, f"data[{index}]", item, seen_calls))
+        times.append(_validate_item(out, f"data[{index}]", item, seen_calls, catalog))
     if out:
         raise ValidationFailed(out)
     return times
 
 
 def _validate_item(
-    out: validation.Violations, at: str, item: BatchItem, seen_calls: set[str]
+    out: validation.Violations,
+    at: str,
+    item: BatchItem,
+    seen_calls: set[str],
+    catalog: catalogs.Catalog,
 ) -> tuple[datetime, datetime]:
     start = end = datetime.min.replace(tzinfo=UTC)
     if item.call is None:
@@ -126,9 +141,9 @@ def _validate_item(
         validation.required_text(out, f"{at}.customer.id", item.customer.id)
         validation.optional_text(out, f"{at}.customer.name", item.customer.name)
         validation.optional_email(out, f"{at}.customer.email", item.customer.email)
-        validation.disposition_status(
-            out, f"{at}.customer.disposition_status", item.customer.disposition_status
-        )
+        status_field, status = f"{at}.customer.disposition_status", item.customer.disposition_status
+        if validation.disposition_status(out, status_field, status):
+            catalog.check(out, status_field, status)
     validation.optional_url(out, f"{at}.callback_url", item.callback_url)
     for key, value in item.metadata.items():
         validation.required_text(out, f"{at}.metadata", key)
@@ -140,14 +155,40 @@ def _validate_item(
     return start, end
 
 
-async def ingest_batch(db: Database, *, items: Sequence[BatchItem]) -> BatchOutcome:
-    """Validate everything, then store every new call in one transaction."""
-    times = validate_batch(items)
+async def ingest_batch(
+    db: Database, *, items: Sequence[BatchItem], idempotency_key: str | None = None
+) -> idempotency.Result[BatchOutcome]:
+    """Validate everything, then store every new call in one transaction.
+
+    Customer statuses must be in the tenant's catalog (when it has one), read in the write
+    transaction itself; any problem rejects the whole batch. With an idempotency key, a
+    repeated request gets the stored outcome of the first one, which commits with the batch.
+    """
     ctx = context.get()
     assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
     scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
+    request = idempotency.prepare(idempotency_key, method=METHOD, payload=items)
+    if (replayed := await idempotency.replay(db, request, BatchOutcome.from_json)) is not None:
+        return replayed
+    try:
+        times = validate_batch(items)  # field rules first, without holding the write lock
+    except ValidationFailed:
+        # Name the statuses the catalog refuses in the same reply (nothing is written here).
+        async with db.read() as conn:
+            catalog = await catalogs.load(conn, **scope)
+        if catalog.restricted:
+            validate_batch(items, catalog)
+        raise
     now = datetime.now(UTC)
     async with db.write() as conn:
+        if (replayed := await idempotency.claim(conn, request, BatchOutcome.from_json)) is not None:
+            return replayed
+        catalog = await catalogs.load(conn, **scope)
+        catalog.require(
+            (f"data[{index}].customer.disposition_status", item.customer.disposition_status)
+            for index, item in enumerate(items)
+            if item.customer is not None
+        )
         duplicates = await calls.existing_call_ids(
             conn, partner_pk=ctx.partner_pk, call_ids=[item.call.id for item in items if item.call]
         )
@@ -188,7 +229,15 @@ async def ingest_batch(db: Database, *, items: Sequence[BatchItem]) -> BatchOutc
             now=now,
             **scope,
         )
-    created_customers = {cid for cid, _, _ in missing}
+        outcome = _outcome(items, duplicates, {cid for cid, _, _ in missing})
+        await idempotency.record(conn, request, outcome)
+    return idempotency.Result(outcome)
+
+
+def _outcome(
+    items: Sequence[BatchItem], duplicates: set[str], created_customers: set[str]
+) -> BatchOutcome:
+    """Each item's outcome in request order; a new customer counts as created once."""
     outcomes: list[ItemOutcome] = []
     for index, item in enumerate(items):
         assert item.call is not None and item.customer is not None

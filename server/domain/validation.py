@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 MAX_TEXT = 255
 MAX_URL = 2048
+MAX_CHOICES_TEXT = 500
 
 Violations = list[tuple[str, str]]
 
@@ -36,14 +38,31 @@ def optional_text(out: Violations, field: str, value: str, *, max_length: int = 
     return True
 
 
-def disposition_status(out: Violations, field: str, value: str | None) -> None:
-    """Absent (unchanged), empty (cleared) or a non-blank status."""
+def disposition_status(out: Violations, field: str, value: str | None) -> bool:
+    """Absent (unchanged), empty (cleared) or a non-blank status. True when valid."""
     if value is None or value == "":
-        return
+        return True
     if not value.strip():
         out.append((field, f"{field} should not be blank; send an empty string to clear it"))
+        return False
+    return optional_text(out, field, value)
+
+
+def one_of(out: Violations, field: str, value: str, choices: Sequence[str]) -> None:
+    """`value` must be one of `choices`; the message lists them in order (up to MAX_CHOICES_TEXT
+    characters, so that a long list cannot blow up an error reply)."""
+    if value in choices:
         return
-    optional_text(out, field, value)
+    listed: list[str] = []
+    length = 0
+    for choice in choices:
+        length += len(choice) + 2
+        if length > MAX_CHOICES_TEXT and listed:
+            break
+        listed.append(choice)
+    more = len(choices) - len(listed)
+    text = ", ".join(listed) + (f" and {more} more" if more else "")
+    out.append((field, f"{field} must be one of: {text}"))
 
 
 def optional_email(out: Violations, field: str, value: str) -> None:

@@ -2,3 +2,10 @@
 
 The unit of work (`Database.write()` / `Database.read()`) is owned by the caller.
 """
+
+from datetime import UTC, datetime
+
+
+def as_utc(value: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite returns naive datetimes; they are UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

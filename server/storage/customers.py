@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
-from server.storage import history
+from server.storage import as_utc, history
 
 # Hot-path statements are built once; only their parameters change per request.
 _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
@@ -173,4 +173,46 @@ async def apply_status_changes(
             }
             for position, c in enumerate(changes)
         ],
+    )
+
+
+# The customer's current status with the time of its latest change (ix_history_customer).
+_LAST_CHANGED_AT = (
+    select(DispositionHistory.changed_at)
+    .where(DispositionHistory.customer_pk == Customer.id)
+    .order_by(DispositionHistory.id.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+_FIND_STATUS = select(
+    Customer.customer_id, Customer.disposition_status, Customer.created_at, _LAST_CHANGED_AT
+).where(
+    Customer.tenant_id == bindparam("tenant_id"),
+    Customer.sub_tenant_id == bindparam("sub_tenant_id"),
+    Customer.customer_id == bindparam("customer_id"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerStatus:
+    customer_id: str
+    disposition_status: str | None
+    created_at: datetime
+    last_changed_at: datetime | None  # None: the status never changed
+
+
+async def find_status(
+    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_id: str
+) -> CustomerStatus | None:
+    """A customer's current status and when it last changed, in one statement (UTC times)."""
+    params = {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id, "customer_id": customer_id}
+    row = (await conn.execute(_FIND_STATUS, params)).first()
+    if row is None:
+        return None
+    customer_id_, status, created_at, last_changed_at = row
+    return CustomerStatus(
+        customer_id_,
+        status,
+        as_utc(created_at),
+        None if last_changed_at is None else as_utc(last_changed_at),
     )

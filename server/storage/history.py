@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory, FeedSequence, Partner
+from server.storage import as_utc
 
 
 def _advance(dialect: str) -> object:
@@ -62,7 +64,7 @@ async def last_cursors(conn: AsyncConnection, *, tenant_ids: Sequence[str]) -> d
     return {tenant_id: int(seq) for tenant_id, seq in rows}
 
 
-def select_changes() -> Select[tuple[int, int, str, str, str, str | None, str | None, datetime, str, str, str]]:
+def select_changes() -> Select[*tuple[Any, ...]]:
     """History rows as ChangeRecord columns (join customers and partners for public ids)."""
     h = DispositionHistory
     return (
@@ -84,13 +86,11 @@ def select_changes() -> Select[tuple[int, int, str, str, str, str | None, str | 
     )
 
 
-def to_record(row: Sequence[object]) -> ChangeRecord:
-    record = ChangeRecord(*row)  # type: ignore[arg-type]
-    if record.changed_at.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
-        return ChangeRecord(
-            *row[:7], record.changed_at.replace(tzinfo=UTC), *row[8:]  # type: ignore[arg-type]
-        )
-    return record
+def to_record(row: Row[*tuple[Any, ...]]) -> ChangeRecord:
+    """A row of select_changes() as a ChangeRecord (SQLite's naive datetimes are UTC)."""
+    fields = row._asdict()
+    fields["changed_at"] = as_utc(fields["changed_at"])
+    return ChangeRecord(**fields)
 
 
 _CHANGES_AFTER = (
@@ -120,4 +120,25 @@ async def changes_after(
     stmt = _CHANGES_AFTER
     if sub_tenant_id is not None:
         stmt, params["sub_tenant_id"] = _CHANGES_AFTER_IN_SUB_TENANT, sub_tenant_id
+    return [to_record(row) for row in await conn.execute(stmt, params)]
+
+
+# A customer's history, newest first, keyset-paged on the history id (ix_history_customer).
+_CUSTOMER_CHANGES = (
+    select_changes()
+    .where(DispositionHistory.customer_pk == bindparam("customer_pk"))
+    .order_by(DispositionHistory.id.desc())
+    .limit(bindparam("limit"))
+)
+_CUSTOMER_CHANGES_BEFORE = _CUSTOMER_CHANGES.where(DispositionHistory.id < bindparam("before_id"))
+
+
+async def customer_changes(
+    conn: AsyncConnection, *, customer_pk: int, before_id: int | None, limit: int
+) -> list[ChangeRecord]:
+    """Up to `limit` of a customer's changes with an id below `before_id` (None: the newest)."""
+    params: dict[str, object] = {"customer_pk": customer_pk, "limit": limit}
+    stmt = _CUSTOMER_CHANGES
+    if before_id is not None:
+        stmt, params["before_id"] = _CUSTOMER_CHANGES_BEFORE, before_id
     return [to_record(row) for row in await conn.execute(stmt, params)]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.envoy_process import run_envoy
-from tests.bench import grpc_load, rest_load
+from tests.bench import feed_batch, grpc_load, rest_load
 from tests.bench.stack import (
     RssSampler,
     cpu_seconds,
@@ -48,6 +48,7 @@ from tests.bench.stack import (
 )
 
 INSTALL_HINT = "apt-get install -y wrk nghttp2-client"
+SUITES = ("load", "feed", "batch")
 FIGURES = (
     "requests_per_s",
     "p50_ms",
@@ -64,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3, help="runs per path and connection count")
     parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument(
+        "--suites",
+        nargs="+",
+        choices=SUITES,
+        default=list(SUITES),
+        help="load: REST and gRPC updates; feed: change-feed latency; batch: batch updates",
+    )
     return parser.parse_args(argv)
 
 
@@ -145,9 +153,12 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
         )  # fmt: skip
 
     paths = {"rest_via_envoy_wrk": rest, "grpc_direct_h2load": grpc}
-    progress("warm-up: 2 s per path (discarded)")
-    for name, run in paths.items():
-        measure(partial(run, args.connections[0], 2, f"w{name[0]}"), db=db, pid=server.pid)
+    if "load" not in args.suites:
+        paths = {}
+    else:
+        progress("warm-up: 2 s per path (discarded)")
+        for name, run in paths.items():
+            measure(partial(run, args.connections[0], 2, f"w{name[0]}"), db=db, pid=server.pid)
 
     results: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in paths}
     for rep in range(args.repeats):
@@ -166,6 +177,11 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
                     f"errors {result['errors']}, changes {result['real_change_ratio']}"
                 )
 
+    extra: dict[str, Any] = {}
+    if "feed" in args.suites:
+        extra["feed_latency"] = feed_suite(args, workdir, stack, env, partner, grpc_port)
+    if "batch" in args.suites:
+        extra["batch_update"] = batch_suite(args, db, partner, grpc_port)
     return {
         "machine": facts,
         "config": {
@@ -184,7 +200,55 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
             name: {str(c): summarize(runs) for c, runs in by_conn.items()}
             for name, by_conn in results.items()
         },
+        **extra,
         "server_rss_mb_at_end": round(rss_mb(server.pid) or 0.0, 1),
+    }
+
+
+def feed_suite(
+    args: argparse.Namespace,
+    workdir: Path,
+    stack: ExitStack,
+    env: dict[str, str],
+    partner: Any,
+    grpc_port: int,
+) -> dict[str, Any]:
+    """Commit-acknowledged -> watcher latency; writes through the watcher's server or another."""
+    _, other_port = stack.enter_context(grpc_server(env, workdir / "server2.log"))
+    result: dict[str, Any] = {}
+    for name, write_port in (("same_process", grpc_port), ("other_process", other_port)):
+        runs = [
+            feed_batch.feed_latency(
+                watch_port=grpc_port,
+                write_port=write_port,
+                partner=partner,
+                customers=args.customers,
+            )
+            for _ in range(args.repeats)
+        ]
+        result[name] = {
+            **feed_batch.median_of(runs, "p50_ms", "p95_ms", "p99_ms", "max_ms"),
+            "missing": sum(int(r["missing"]) for r in runs),
+            "runs": runs,
+        }
+        progress(f"feed latency {name}: {result[name]}")
+    return result
+
+
+def batch_suite(args: argparse.Namespace, db: Path, partner: Any, grpc_port: int) -> dict[str, Any]:
+    """1,000-item batch updates; every item a real change, checked against history rows."""
+    runs = []
+    for _ in range(args.repeats):
+        before = history_rows(db)
+        run = feed_batch.batch_updates(port=grpc_port, partner=partner, customers=args.customers)
+        run["history_rows_written"] = history_rows(db) - before
+        runs.append(run)
+        progress(f"batch update: {run}")
+    return {
+        **feed_batch.median_of(runs, "items_per_s"),
+        "errors": sum(int(r["errors"]) for r in runs),
+        "history_rows_match": all(r["history_rows_written"] == r["items_changed"] for r in runs),
+        "runs": runs,
     }
 
 

@@ -1,0 +1,146 @@
+"""Batch updates of disposition statuses: every item judged on its own, one transaction.
+
+Envelope problems (no items, too many) reject the whole request. Otherwise each item is `ok`,
+`not_found` or `invalid` (with its field errors, under `items[i].`), and the valid items apply
+in request order and commit together, one history row per real change, before the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server import context
+from server.db import Database
+from server.domain import catalogs, validation
+from server.domain.ingestion import MAX_BATCH
+from server.errors import ValidationFailed
+from server.storage import customers
+from server.storage.customers import StatusChange
+
+SOURCE_BATCH_UPDATE = "batch_update"
+OK, NOT_FOUND, INVALID = "ok", "not_found", "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateItem:
+    """One update; the same rules as a single update (None: unchanged, "": cleared)."""
+
+    customer_id: str
+    disposition_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    index: int
+    customer_id: str
+    status: str  # OK, NOT_FOUND or INVALID
+    changed: bool = False
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpdateOutcome:
+    items: list[ItemOutcome]
+
+    def count(self, status: str) -> int:
+        return sum(1 for item in self.items if item.status == status)
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for item in self.items if item.changed)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch whose envelope is valid, with each item's field-rule problems (empty: none)."""
+
+    items: Sequence[UpdateItem]
+    problems: list[validation.Violations]
+
+
+def prepare_batch(items: Sequence[UpdateItem]) -> PreparedBatch:
+    """Check the envelope (raises ValidationFailed) and every item's field rules (no I/O)."""
+    if not items:
+        raise ValidationFailed([("items", "items should not be empty")])
+    if len(items) > MAX_BATCH:
+        raise ValidationFailed([("items", f"items must contain no more than {MAX_BATCH} elements")])
+    problems: list[validation.Violations] = []
+    for index, item in enumerate(items):
+        out: validation.Violations = []
+        validation.required_text(out, f"items[{index}].customer_id", item.customer_id)
+        validation.disposition_status(
+            out, f"items[{index}].disposition_status", item.disposition_status
+        )
+        problems.append(out)
+    return PreparedBatch(items, problems)
+
+
+async def batch_update(db: Database, *, items: Sequence[UpdateItem]) -> BatchUpdateOutcome:
+    """Apply a batch for the caller's tenant and sub-tenant; committed before this returns.
+
+    Idempotency seam: a retried batch can be answered from a stored reply by running
+    `apply_batch` and the reply's storage in this same `db.write()` transaction, keyed by the
+    caller's `idempotency-key` (see server/domain/idempotency.py).
+    """
+    batch = prepare_batch(items)
+    async with db.write() as conn:
+        return await apply_batch(conn, batch)
+
+
+async def apply_batch(conn: AsyncConnection, batch: PreparedBatch) -> BatchUpdateOutcome:
+    """Check the catalog and the customers, then apply the valid items in order, on `conn`.
+
+    Runs inside the caller's write transaction (which it never commits), so the catalog it
+    checks against is the one in force when the changes commit.
+    """
+    ctx = context.get()
+    tenant_id, sub_tenant_id, partner_pk = ctx.tenant_id, ctx.sub_tenant_id, ctx.partner_pk
+    assert tenant_id is not None and sub_tenant_id is not None and partner_pk is not None
+    items, problems = batch.items, [list(found) for found in batch.problems]
+    if any(item.disposition_status and not problems[i] for i, item in enumerate(items)):
+        catalog = await catalogs.load(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
+        for index, item in enumerate(items):
+            if not problems[index]:
+                catalog.check(
+                    problems[index], f"items[{index}].disposition_status", item.disposition_status
+                )
+    known = await customers.lock_customers(
+        conn,
+        tenant_id=tenant_id,
+        sub_tenant_id=sub_tenant_id,
+        customer_ids=[item.customer_id for i, item in enumerate(items) if not problems[i]],
+    )
+    current = {cid: state.disposition_status for cid, state in known.items()}
+    changes: list[StatusChange] = []
+    outcomes: list[ItemOutcome] = []
+    for index, item in enumerate(items):
+        cid, wanted = item.customer_id, item.disposition_status
+        state = known.get(cid)
+        if problems[index]:
+            outcome = ItemOutcome(index, cid, INVALID, errors=tuple(problems[index]))
+        elif state is None:
+            outcome = ItemOutcome(index, cid, NOT_FOUND)
+        else:
+            previous = current[cid]
+            new_status = previous if wanted is None else wanted or None
+            changed = new_status != previous
+            if changed:
+                changes.append(StatusChange(state.pk, previous, new_status))
+                current[cid] = new_status
+            outcome = ItemOutcome(index, cid, OK, changed=changed)
+        outcomes.append(outcome)
+    await customers.apply_status_changes(
+        conn,
+        tenant_id=tenant_id,
+        sub_tenant_id=sub_tenant_id,
+        changes=changes,
+        source=SOURCE_BATCH_UPDATE,
+        partner_pk=partner_pk,
+        request_id=ctx.request_id,
+        now=datetime.now(UTC),
+    )
+    return BatchUpdateOutcome(outcomes)

@@ -1,0 +1,147 @@
+"""The change feed: every disposition change of a tenant, in commit order, resumable by cursor.
+
+Cursors come from the history rows themselves (`seq`, one per change of a tenant, taken under
+the tenant's FeedSequence row lock), so the feed is exactly what was committed: a watcher that
+resumes after cursor N gets N+1, N+2, ... whichever process wrote them and whenever it restarted.
+
+One FeedHub per process tracks the last cursor of every watched tenant. It reads them again
+right after this process commits a write and otherwise every `poll_seconds` (for commits made by
+other server processes), and wakes the watchers whose tenant moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server import context
+from server.db import Database
+from server.errors import ServiceUnavailable, ValidationFailed
+from server.storage import history
+from server.storage.history import ChangeRecord
+
+log = logging.getLogger("disposition.feed")
+
+ALL_SUB_TENANTS = "*"
+PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """Changes in cursor order (empty for a heartbeat) and the cursor to resume from."""
+
+    changes: list[ChangeRecord]
+    cursor: int
+
+
+class FeedHub:
+    def __init__(
+        self, db: Database, *, poll_seconds: float = 0.05, heartbeat_seconds: float = 15.0
+    ) -> None:
+        self.db = db
+        self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self._watchers: Counter[str] = Counter()
+        self._last: dict[str, int] = {}
+        self._moved = asyncio.Condition()
+        self._commit = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+        db.on_commit(self._commit.set)
+
+    async def close(self) -> None:
+        """End every watch (with UNAVAILABLE, so clients reconnect) and stop polling."""
+        self._closed = True
+        async with self._moved:
+            self._moved.notify_all()
+        if self._poller is not None:
+            self._poller.cancel()
+
+    async def watch(self, *, after_cursor: int, start_at_latest: bool) -> AsyncIterator[FeedBatch]:
+        """The caller's tenant's changes after `after_cursor`, forever; heartbeats when idle.
+
+        `x-sub-tenant-id: *` watches every sub-tenant of the tenant, else only that sub-tenant.
+        """
+        if after_cursor < 0:
+            raise ValidationFailed([("after_cursor", "after_cursor must not be less than 0")])
+        ctx = context.get()
+        tenant_id, sub_tenant_id = ctx.tenant_id, ctx.sub_tenant_id
+        assert tenant_id is not None and sub_tenant_id is not None
+        only = None if sub_tenant_id == ALL_SUB_TENANTS else sub_tenant_id
+        self._watchers[tenant_id] += 1
+        try:
+            known = await self._refresh(tenant_id)
+            scanned = known if start_at_latest else after_cursor
+            yield FeedBatch([], scanned)  # tells the client where it starts
+            while True:
+                if known > scanned:
+                    async with self.db.read() as conn:
+                        rows = await history.changes_after(
+                            conn, tenant_id=tenant_id, sub_tenant_id=only, after=scanned, limit=PAGE
+                        )
+                    rows = [row for row in rows if row.seq <= known]
+                    # With a sub-tenant filter, an empty or short page means everything up to
+                    # `known` was scanned; a full page resumes after its last row.
+                    scanned = rows[-1].seq if len(rows) == PAGE else known
+                    if rows:
+                        yield FeedBatch(rows, scanned)
+                    continue
+                if not await self._wait_beyond(tenant_id, scanned):
+                    yield FeedBatch([], scanned)
+                known = self._last.get(tenant_id, 0)
+        finally:
+            self._watchers[tenant_id] -= 1
+            if self._watchers[tenant_id] <= 0:
+                del self._watchers[tenant_id]
+
+    async def _refresh(self, tenant_id: str) -> int:
+        async with self.db.read() as conn:
+            found = await history.last_cursors(conn, tenant_ids=[tenant_id])
+        self._last[tenant_id] = max(self._last.get(tenant_id, 0), found.get(tenant_id, 0))
+        self._start_poller()
+        return self._last[tenant_id]
+
+    async def _wait_beyond(self, tenant_id: str, cursor: int) -> bool:
+        """Wait until the tenant's last cursor passes `cursor`; False after a heartbeat period."""
+        async with self._moved:
+            try:
+                await asyncio.wait_for(
+                    self._moved.wait_for(
+                        lambda: self._closed or self._last.get(tenant_id, 0) > cursor
+                    ),
+                    self.heartbeat_seconds,
+                )
+            except TimeoutError:
+                return False
+        if self._closed:
+            raise ServiceUnavailable("The server is shutting down; reconnect with your cursor")
+        return True
+
+    def _start_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="feed-poller")
+
+    async def _poll(self) -> None:
+        failing = False
+        while self._watchers and not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit.wait(), self.poll_seconds)
+            self._commit.clear()
+            try:
+                async with self.db.read() as conn:
+                    found = await history.last_cursors(conn, tenant_ids=list(self._watchers))
+                failing = False
+            except Exception:
+                if not failing:  # once per outage
+                    log.exception("change feed: cannot read the tenants' cursors")
+                failing = True
+                continue
+            moved = {t: c for t, c in found.items() if c > self._last.get(t, 0)}
+            if moved:
+                self._last.update(moved)
+                async with self._moved:
+                    self._moved.notify_all()

@@ -1,0 +1,377 @@
+"""POST /api/v1/partner/ingest/disposition-status/batch: gRPC against a real server and SQLite
+file, REST through real Envoy and a real server process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from sqlalchemy import select
+
+from disposition.v1 import disposition_service_pb2 as pb
+from server.db import Database
+from server.models import Customer, DispositionHistory
+from tests.grpc_helpers import details, history, ingest, stored_status, violations
+from tests.http_helpers import assert_rest_reply
+from tests.rest_stack import Stack, start_stack
+from tests.support import Credentials, batch_item, onboard
+
+BATCH_UPDATE = "/api/v1/partner/ingest/disposition-status/batch"
+
+
+def batch(*items: dict[str, Any]) -> Any:
+    return json_format.ParseDict({"items": list(items)}, pb.BatchUpdateDispositionStatusRequest())
+
+
+def item(customer_id: str, status: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"customer_id": customer_id}
+    if status is not None:
+        body["disposition_status"] = status
+    return body
+
+
+BLANK = "should not be blank; send an empty string to clear it"
+TOO_LONG = "must be shorter than or equal to 255 characters"
+CONTROL = "must not contain control characters"
+
+
+def err(index: int, field: str, rule: str) -> tuple[str, str]:
+    return f"items[{index}].{field}", f"items[{index}].{field} {rule}"
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def outcome(
+    index: int,
+    customer_id: str,
+    status: str,
+    changed: bool = False,
+    errors: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "customer_id": customer_id,
+        "status": status,
+        "changed": changed,
+        "errors": [{"field": f, "message": m} for f, m in errors or []],
+    }
+
+
+async def fail(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def feed_rows(db: Database, tenant_id: str = "tenant1") -> list[tuple[int, str, str]]:
+    """(cursor, customer_id, request_id) of the tenant's history, in cursor order."""
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(DispositionHistory.seq, Customer.customer_id, DispositionHistory.request_id)
+            .join(Customer, Customer.id == DispositionHistory.customer_pk)
+            .where(DispositionHistory.tenant_id == tenant_id)
+            .order_by(DispositionHistory.seq)
+        )
+        return [(seq, cid, rid) for seq, cid, rid in rows]
+
+
+# --- gRPC -----------------------------------------------------------------------------------
+
+
+async def test_mixed_outcomes_apply_in_order_in_one_transaction(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await ingest(ingestion, partner, "c1", "c2", status="new")
+    reply = await dispositions.BatchUpdateDispositionStatus(
+        batch(
+            item("c1", "interested"),
+            item("nobody", "interested"),
+            item("", "x"),
+            item("c2", "  "),
+            item("c1", "interested"),  # the same status again: ok, unchanged
+            item("c2"),  # omitted: unchanged
+            item("c1", ""),  # clears
+            item("c2", "s" * 256),
+            item("c\n2", None),
+        ),
+        metadata=partner.metadata(x_request_id="batch-req-1"),
+    )
+    assert as_dict(reply) == {
+        "success": True,
+        "data": {
+            "ok": 4,
+            "not_found": 1,
+            "invalid": 4,
+            "changed": 2,
+            "items": [
+                outcome(0, "c1", "ok", changed=True),
+                outcome(1, "nobody", "not_found"),
+                outcome(2, "", "invalid", errors=[err(2, "customer_id", "should not be empty")]),
+                outcome(3, "c2", "invalid", errors=[err(3, "disposition_status", BLANK)]),
+                outcome(4, "c1", "ok"),
+                outcome(5, "c2", "ok"),
+                outcome(6, "c1", "ok", changed=True),
+                outcome(7, "c2", "invalid", errors=[err(7, "disposition_status", TOO_LONG)]),
+                outcome(8, "c\n2", "invalid", errors=[err(8, "customer_id", CONTROL)]),
+            ],
+        },
+    }
+    assert (await stored_status(db, "c1"), await stored_status(db, "c2")) == (None, "new")
+    assert await history(db, "c1") == [
+        (None, "new", "batch_call"),
+        ("new", "interested", "batch_update"),
+        ("interested", None, "batch_update"),
+    ]
+    assert await history(db, "c2") == [(None, "new", "batch_call")]
+    # Change-feed cursors follow on from ingestion's; one request id for the whole batch.
+    assert (await feed_rows(db))[2:] == [(3, "c1", "batch-req-1"), (4, "c1", "batch-req-1")]
+
+
+async def test_a_customer_repeated_in_a_batch_gets_one_history_row_per_real_change(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await ingest(ingestion, partner, "c1", "c2")
+    statuses = ["a", "b", "b", "a", None, "", "", "c"]
+    reply = await dispositions.BatchUpdateDispositionStatus(
+        batch(*(item("c1", s) for s in statuses), item("c2", "z")), metadata=partner.metadata()
+    )
+    assert [i.changed for i in reply.data.items] == [
+        True, True, False, True, False, True, False, True, True,
+    ]  # fmt: skip
+    assert (reply.data.ok, reply.data.changed) == (9, 6)
+    assert await history(db, "c1") == [
+        (None, "a", "batch_update"),
+        ("a", "b", "batch_update"),
+        ("b", "a", "batch_update"),
+        ("a", None, "batch_update"),
+        (None, "c", "batch_update"),
+    ]
+    assert await stored_status(db, "c1") == "c"
+    assert [seq for seq, _, _ in await feed_rows(db)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_an_all_invalid_batch_is_answered_item_by_item_and_stores_nothing(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await ingest(ingestion, partner, "c1")
+    reply = await dispositions.BatchUpdateDispositionStatus(
+        batch(item("", "a"), item("c1", " ")), metadata=partner.metadata()
+    )
+    assert (reply.success, reply.data.ok, reply.data.invalid, reply.data.changed) == (
+        True,
+        0,
+        2,
+        0,
+    )
+    assert await history(db, "c1") == []
+
+
+async def test_a_batch_only_sees_its_own_tenant_and_sub_tenant(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    other = await onboard(db, "other", grants=[("tenant2", "subtenant1")])
+    await ingest(ingestion, other, "theirs")
+    reply = await dispositions.BatchUpdateDispositionStatus(
+        batch(item("theirs", "x")), metadata=partner.metadata()
+    )
+    assert [i.status for i in reply.data.items] == ["not_found"]
+    assert await stored_status(db, "theirs", tenant_id="tenant2") is None
+
+
+@pytest.mark.parametrize(
+    ("count", "message"),
+    [(0, "items should not be empty"), (1001, "items must contain no more than 1000 elements")],
+)
+async def test_envelope_problems_reject_the_whole_batch(
+    dispositions: Any, partner: Credentials, count: int, message: str
+) -> None:
+    error = await fail(
+        dispositions.BatchUpdateDispositionStatus(
+            batch(*(item(f"c{n}", "x") for n in range(count))), metadata=partner.metadata()
+        )
+    )
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Validation failed",
+    )
+    assert violations(error) == [("items", message)]
+
+
+async def test_a_full_batch_of_1000(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await ingest(ingestion, partner, "c1")
+    items = [item("c1", f"s{n}") for n in range(500)] + [item(f"x{n}", "y") for n in range(500)]
+    reply = await dispositions.BatchUpdateDispositionStatus(
+        batch(*items), metadata=partner.metadata()
+    )
+    data = reply.data
+    assert (data.ok, data.not_found, data.invalid, data.changed) == (500, 500, 0, 500)
+    assert len(await history(db, "c1")) == 500
+    assert await stored_status(db, "c1") == "s499"
+
+
+async def test_rate_limit_counts_a_batch_as_one_request(
+    dispositions: Any, ingestion: Any, db: Database
+) -> None:
+    limited = await onboard(db, "limited", rate_limit_per_minute=2)
+    await ingest(ingestion, limited, "c1")  # request 1
+    many = batch(*(item("c1", f"s{n}") for n in range(50)))
+    reply = await dispositions.BatchUpdateDispositionStatus(many, metadata=limited.metadata())
+    assert reply.data.changed == 50  # request 2, however many items
+    error = await fail(dispositions.BatchUpdateDispositionStatus(many, metadata=limited.metadata()))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 1 <= details(error)["RetryInfo"].retry_delay.seconds <= 60
+
+
+async def test_a_tenant_not_granted_is_forbidden(
+    dispositions: Any, ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await ingest(ingestion, partner, "c1")
+    error = await fail(
+        dispositions.BatchUpdateDispositionStatus(
+            batch(item("c1", "x")), metadata=partner.metadata(x_tenant_id="tenant2")
+        )
+    )
+    assert (error.code(), error.details()) == (grpc.StatusCode.PERMISSION_DENIED, "Forbidden")
+    assert await history(db, "c1") == []
+
+
+# --- REST through Envoy ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("batch-update-stack"))
+
+
+def post(stack: Stack, body: object, creds: Credentials | None = None, **headers: str) -> Any:
+    return stack.request("POST", BATCH_UPDATE, body, creds, **headers)
+
+
+@pytest.mark.envoy
+def test_rest_mixed_batch(stack: Stack) -> None:
+    creds = stack.onboard("rest-batch")
+    assert stack.ingest(creds, batch_item("rb-1", "rb-customer", "new")).status == 200
+    reply = post(
+        stack,
+        {
+            "items": [
+                {"customer_id": "rb-customer", "disposition_status": "interested"},
+                {"customer_id": "rb-nobody", "disposition_status": "interested"},
+                {"customer_id": "rb-customer", "disposition_status": None},
+                {"customer_id": "", "disposition_status": "x"},
+                {"customer_id": "rb-customer", "disposition_status": "callback_requested"},
+            ]
+        },
+        creds,
+        x_request_id="rest-batch-1",
+    )
+    assert_rest_reply(
+        reply,
+        200,
+        b'{"success":true,"data":{"ok":3,"not_found":1,"invalid":1,"changed":2,"items":['
+        b'{"index":0,"customer_id":"rb-customer","status":"ok","changed":true,"errors":[]},'
+        b'{"index":1,"customer_id":"rb-nobody","status":"not_found","changed":false,"errors":[]},'
+        b'{"index":2,"customer_id":"rb-customer","status":"ok","changed":false,"errors":[]},'
+        b'{"index":3,"customer_id":"","status":"invalid","changed":false,"errors":[{"field":'
+        b'"items[3].customer_id","message":"items[3].customer_id should not be empty"}]},'
+        b'{"index":4,"customer_id":"rb-customer","status":"ok","changed":true,"errors":[]}]}}',
+    )
+    assert reply.header("x-request-id") == "rest-batch-1"
+    assert stack.history("rb-customer") == [
+        (None, "new", "batch_call", stack.history("rb-customer")[0][3]),
+        ("new", "interested", "batch_update", "rest-batch-1"),
+        ("interested", "callback_requested", "batch_update", "rest-batch-1"),
+    ]
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"items": []}, b"items should not be empty"),
+        ({}, b"items should not be empty"),
+        (b"", b"items should not be empty"),
+        (
+            {"items": [{"customer_id": f"c{n}"} for n in range(1001)]},
+            b"items must contain no more than 1000 elements",
+        ),
+    ],
+)
+def test_rest_envelope_problems(stack: Stack, body: object, message: bytes) -> None:
+    assert_rest_reply(
+        post(stack, body),
+        422,
+        b'{"success":false,"message":"Validation failed","errors":[{"field":"items","message":"'
+        + message
+        + b'"}]}',
+    )
+
+
+@pytest.mark.envoy
+def test_rest_wrong_types_and_bad_json(stack: Stack) -> None:
+    assert_rest_reply(
+        post(stack, b'{"items": [{"customer_id": "x"'),
+        400,
+        b'{"success":false,"message":"Invalid JSON body"}',
+    )
+    # A body the gateway cannot transcode is refused as a whole, before any item is applied.
+    assert_rest_reply(
+        post(stack, {"items": [{"customer_id": "customer123"}, {"customer_id": 7}]}),
+        422,
+        b'{"success":false,"message":"Validation failed","errors":[{"field":"items[1].customer_id",'
+        b'"message":"items[1].customer_id must be a string"}]}',
+    )
+
+
+@pytest.mark.envoy
+def test_rest_all_invalid_batch_is_200(stack: Stack) -> None:
+    assert_rest_reply(
+        post(stack, {"items": [{"customer_id": " "}]}),
+        200,
+        b'{"success":true,"data":{"ok":0,"not_found":0,"invalid":1,"changed":0,"items":['
+        b'{"index":0,"customer_id":" ","status":"invalid","changed":false,"errors":[{"field":'
+        b'"items[0].customer_id","message":"items[0].customer_id should not be empty"}]}]}}',
+    )
+
+
+@pytest.mark.envoy
+def test_rest_rate_limited_partner(stack: Stack) -> None:
+    limited = stack.onboard("rest-limited", rate_limit_per_minute=1)
+    body = {"items": [{"customer_id": "rl-nobody", "disposition_status": "x"}] * 3}
+    first = post(stack, body, limited)
+    assert first.status == 200 and json.loads(first.body)["data"]["not_found"] == 3
+    reply = post(stack, body, limited)
+    assert_rest_reply(
+        reply, 429, b'{"success":false,"message":"Rate limit exceeded. Try again in 60 seconds."}'
+    )
+    assert 1 <= int(reply.header("retry-after") or "0") <= 60
+
+
+@pytest.mark.envoy
+def test_rest_tenant_not_granted(stack: Stack) -> None:
+    body = {"items": [{"customer_id": "customer123", "disposition_status": "hijacked"}]}
+    assert_rest_reply(
+        post(stack, body, x_tenant_id="tenant2"), 403, b'{"success":false,"message":"Forbidden"}'
+    )
+    with sqlite3.connect(stack.db_path) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM disposition_history WHERE new_status = 'hijacked'"
+        ).fetchone() == (0,)
+
+
+@pytest.mark.envoy
+def test_rest_other_methods_are_not_allowed(stack: Stack) -> None:
+    reply = stack.request("PUT", BATCH_UPDATE, {"items": []})
+    assert_rest_reply(reply, 405, b'{"success":false,"message":"Method not allowed"}')
+    assert reply.header("allow") == "POST"

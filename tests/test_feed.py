@@ -1,0 +1,276 @@
+"""The change feed (WatchDispositionChanges) against a real grpc.aio server and SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
+from disposition.v1 import disposition_service_pb2 as pb
+from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
+from gateway.envoy_process import run_envoy
+from server.app import App
+from server.db import Database, SchemaOutdated
+from tests.grpc_helpers import details, ingest, update_request, violations
+from tests.support import Credentials, onboard, settings_for
+
+
+class Watcher:
+    """A WatchDispositionChanges stream read by a background task into a queue."""
+
+    def __init__(self, stub: Any, creds: Credentials, **request: Any) -> None:
+        self.call = stub.WatchDispositionChanges(
+            pb.WatchDispositionChangesRequest(**request), metadata=creds.metadata()
+        )
+        self.replies: asyncio.Queue[pb.WatchDispositionChangesResponse] = asyncio.Queue()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for reply in self.call:
+            await self.replies.put(reply)
+
+    async def first(self) -> pb.WatchDispositionChangesResponse:
+        return await asyncio.wait_for(self.replies.get(), 5)
+
+    async def changes(self, count: int) -> list[pb.DispositionChange]:
+        """The next `count` changes (heartbeats skipped)."""
+        found: list[pb.DispositionChange] = []
+        while len(found) < count:
+            reply = await asyncio.wait_for(self.replies.get(), 5)
+            found.extend(reply.changes)
+        assert len(found) == count, found
+        return found
+
+    async def quiet(self, seconds: float = 0.3) -> None:
+        """Nothing but heartbeats arrives for a while."""
+        await asyncio.sleep(seconds)
+        while not self.replies.empty():
+            assert not self.replies.get_nowait().changes
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.task.cancel()
+
+
+@pytest.fixture
+async def watchers(dispositions: Any) -> AsyncIterator[list[Watcher]]:
+    started: list[Watcher] = []
+    yield started
+    for watcher in started:
+        watcher.cancel()
+
+
+def watch(stub: Any, creds: Credentials, started: list[Watcher], **request: Any) -> Watcher:
+    watcher = Watcher(stub, creds, **request)
+    started.append(watcher)
+    return watcher
+
+
+def summary(change: pb.DispositionChange) -> tuple[int, str, str, str, str]:
+    return (
+        change.cursor,
+        change.customer_id,
+        change.previous_status,
+        change.disposition_status,
+        change.source,
+    )
+
+
+async def test_changes_arrive_in_commit_order_with_consecutive_cursors(
+    dispositions: Any, ingestion: Any, partner: Credentials, watchers: list[Watcher]
+) -> None:
+    await ingest(ingestion, partner, "c1", "c2", status="new")
+    watcher = watch(dispositions, partner, watchers)
+    assert (await watcher.first()).cursor == 0  # starts before the first change
+    first_two = await watcher.changes(2)
+    for status in ("interested", "callback_requested", ""):
+        await dispositions.UpdateDispositionStatus(
+            update_request("c1", status), metadata=partner.metadata(x_request_id=f"r-{status}")
+        )
+    await dispositions.UpdateDispositionStatus(  # a repeat is not a change
+        update_request("c2", "new"), metadata=partner.metadata()
+    )
+    later = await watcher.changes(3)
+    assert [summary(c) for c in first_two + later] == [
+        (1, "c1", "", "new", "batch_call"),
+        (2, "c2", "", "new", "batch_call"),
+        (3, "c1", "new", "interested", "disposition_update"),
+        (4, "c1", "interested", "callback_requested", "disposition_update"),
+        (5, "c1", "callback_requested", "", "disposition_update"),
+    ]
+    third = later[0]
+    assert (third.partner_id, third.request_id) == ("123", "r-interested")
+    assert (third.tenant_id, third.sub_tenant_id) == ("tenant1", "subtenant1")
+    assert third.changed_at.ToDatetime().year >= 2026
+    await watcher.quiet()
+
+
+async def test_resume_after_a_cursor_and_start_at_latest(
+    dispositions: Any, ingestion: Any, partner: Credentials, watchers: list[Watcher]
+) -> None:
+    await ingest(ingestion, partner, "c1", "c2", "c3", status="a")
+    resumed = watch(dispositions, partner, watchers, after_cursor=2)
+    assert (await resumed.first()).cursor == 2
+    assert [c.cursor for c in await resumed.changes(1)] == [3]
+    latest = watch(dispositions, partner, watchers, start_at_latest=True, after_cursor=1)
+    assert (await latest.first()).cursor == 3
+    await dispositions.UpdateDispositionStatus(
+        update_request("c3", "b"), metadata=partner.metadata()
+    )
+    assert [c.cursor for c in await latest.changes(1)] == [4]
+    assert [c.cursor for c in await resumed.changes(1)] == [4]
+
+
+async def test_sub_tenant_scope_and_tenant_isolation(
+    db: Database, dispositions: Any, ingestion: Any, partner: Credentials, watchers: list[Watcher]
+) -> None:
+    wildcard = await onboard(db, "internal", grants=[("tenant1", "*")])
+    all_subs = wildcard.__class__(**{**wildcard.__dict__, "sub_tenant_id": "*"})
+    other_sub = wildcard.__class__(**{**wildcard.__dict__, "sub_tenant_id": "subtenant2"})
+    stranger = await onboard(db, "stranger", grants=[("tenant2", "subtenant1")])
+    whole = watch(dispositions, all_subs, watchers)
+    only_one = watch(dispositions, partner, watchers)
+    only_two = watch(dispositions, other_sub, watchers)
+    elsewhere = watch(dispositions, stranger, watchers)
+    for w in (whole, only_one, only_two, elsewhere):
+        assert (await w.first()).cursor == 0
+    await ingest(ingestion, partner, "s1-customer", status="x")
+    await ingest(ingestion, other_sub, "s2-customer", status="y")
+    await ingest(ingestion, stranger, "t2-customer", status="z")
+    assert [(c.cursor, c.sub_tenant_id) for c in await whole.changes(2)] == [
+        (1, "subtenant1"),
+        (2, "subtenant2"),
+    ]
+    assert [c.customer_id for c in await only_one.changes(1)] == ["s1-customer"]
+    assert [c.customer_id for c in await only_two.changes(1)] == ["s2-customer"]
+    # Another tenant has its own cursors and sees nothing of tenant1.
+    assert [(c.cursor, c.customer_id) for c in await elsewhere.changes(1)] == [(1, "t2-customer")]
+    for w in (whole, only_one, only_two, elsewhere):
+        await w.quiet()
+
+
+async def test_whole_tenant_needs_a_wildcard_grant(dispositions: Any, partner: Credentials) -> None:
+    call = dispositions.WatchDispositionChanges(
+        pb.WatchDispositionChangesRequest(), metadata=partner.metadata(x_sub_tenant_id="*")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert raised.value.details() == "Forbidden"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code", "message"),
+    [
+        ({"x_api_secret": "ds_wrong"}, grpc.StatusCode.PERMISSION_DENIED, "Forbidden"),
+        ({"x_tenant_id": None}, grpc.StatusCode.INVALID_ARGUMENT, "Tenant ID is required"),
+    ],
+)
+async def test_refusals_end_the_stream_with_the_documented_status(
+    dispositions: Any, partner: Credentials, metadata: dict[str, Any], code: Any, message: str
+) -> None:
+    call = dispositions.WatchDispositionChanges(
+        pb.WatchDispositionChangesRequest(), metadata=partner.metadata(**metadata)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert (raised.value.code(), raised.value.details()) == (code, message)
+
+
+async def test_negative_cursor_is_a_validation_error(
+    dispositions: Any, partner: Credentials
+) -> None:
+    call = dispositions.WatchDispositionChanges(
+        pb.WatchDispositionChangesRequest(after_cursor=-1), metadata=partner.metadata()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(raised.value) == [("after_cursor", "after_cursor must not be less than 0")]
+    assert details(raised.value)["ErrorInfo"].reason == "VALIDATION_FAILED"
+
+
+async def test_changes_written_by_another_process_are_polled(
+    tmp_path: Any, db: Database, partner: Credentials
+) -> None:
+    """Two servers on one database: a watcher on one sees writes made through the other."""
+    url = str(db.settings.database_url)
+    servers = [App(settings_for(url), Database(settings_for(url))) for _ in range(2)]
+    for server in servers:
+        await server.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[0].port}") as watch_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[1].port}") as write_channel,
+        ):
+            watcher = Watcher(disposition_grpc.DispositionServiceStub(watch_channel), partner)
+            try:
+                assert (await watcher.first()).cursor == 0
+                writer = ingestion_grpc.CallIngestionServiceStub(write_channel)
+                await ingest(writer, partner, "remote", status="written-elsewhere")
+                [change] = await watcher.changes(1)
+                assert (change.cursor, change.disposition_status) == (1, "written-elsewhere")
+            finally:
+                watcher.cancel()
+    finally:
+        for server in servers:
+            await server.stop(grace=1)
+
+
+async def test_heartbeats_while_idle_and_unavailable_on_shutdown(
+    db: Database, partner: Credentials
+) -> None:
+    url = str(db.settings.database_url)
+    server = App(settings_for(url, feed_heartbeat_seconds=0.1), Database(settings_for(url)))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = disposition_grpc.DispositionServiceStub(channel).WatchDispositionChanges(
+                pb.WatchDispositionChangesRequest(after_cursor=7), metadata=partner.metadata()
+            )
+            replies = [await call.read() for _ in range(4)]  # the start, then 3 heartbeats
+            assert [(list(r.changes), r.cursor) for r in replies] == [([], 7)] * 4
+            await server.stop(grace=5)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(grace=1)
+
+
+@pytest.mark.envoy
+async def test_the_feed_streams_through_envoy(
+    app: App, ingestion: Any, partner: Credentials, tmp_path: Any
+) -> None:
+    """Internal services may watch through the same Envoy (its native gRPC route)."""
+    with run_envoy(grpc_port=app.port, log_path=tmp_path / "envoy.log") as envoy:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.http_port}") as channel:
+            watcher = Watcher(disposition_grpc.DispositionServiceStub(channel), partner)
+            try:
+                assert (await watcher.first()).cursor == 0
+                await ingest(ingestion, partner, "via-envoy", status="seen")
+                [change] = await watcher.changes(1)
+                assert (change.cursor, change.customer_id) == (1, "via-envoy")
+            finally:
+                watcher.cancel()
+
+
+async def test_a_database_from_before_the_feed_is_refused_clearly(tmp_path: Any) -> None:
+    """create_all adds missing tables but never columns: an old file must not half-work."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE disposition_history (id INTEGER PRIMARY KEY, source TEXT)")
+    db = Database(settings_for(f"sqlite+aiosqlite:///{path}"))
+    try:
+        with pytest.raises(SchemaOutdated, match=r"missing columns: disposition_history\.seq"):
+            await db.create_schema()
+    finally:
+        await db.dispose()

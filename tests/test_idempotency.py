@@ -1,0 +1,619 @@
+"""Batch-call replays and `Idempotency-Key`: over gRPC against a real server and SQLite file, and
+through real Envoy + a real disposition-server process (status, body bytes, headers, rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select, update
+
+from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
+from server import context
+from server.app import App
+from server.context import RequestContext
+from server.db import Database
+from server.domain import idempotency
+from server.domain import ingestion as domain
+from server.errors import IdempotencyKeyReused, InvalidIdempotencyKey
+from server.models import (
+    Base,
+    Call,
+    Customer,
+    DispositionHistory,
+    FeedSequence,
+    IdempotencyRecord,
+    Partner,
+)
+from server.servicers import _batch_item
+from server.storage import calls
+from server.storage import idempotency as key_storage
+from tests.grpc_helpers import batch_request, details, history, violations
+from tests.http_helpers import assert_rest_reply
+from tests.rest_stack import BATCH, Stack, start_stack
+from tests.support import Credentials, batch_item, onboard, settings_for
+
+REPLAYED = "idempotent-replayed"
+REUSED = [("Idempotency-Key", "Idempotency-Key was already used with a different request")]
+APPLIED_TABLES = (Call, Customer, DispositionHistory, FeedSequence)
+
+
+async def send(stub: Any, creds: Credentials, request: Any, key: str | None = None) -> Any:
+    """(reply, its serialized bytes, the idempotent-replayed header or None)."""
+    call = stub.IngestBatchCalls(request, metadata=creds.metadata(idempotency_key=key))
+    reply = await call
+    initial = await call.initial_metadata()
+    return reply, reply.SerializeToString(deterministic=True), initial.get(REPLAYED)
+
+
+async def refused(stub: Any, creds: Credentials, request: Any, key: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.IngestBatchCalls(request, metadata=creds.metadata(idempotency_key=key))
+    return caught.value
+
+
+async def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the tables a batch writes to, in primary-key order."""
+    tables: dict[str, list[tuple[Any, ...]]] = {}
+    async with db.read() as conn:
+        for model in APPLIED_TABLES:
+            table = model.__table__
+            rows = await conn.execute(select(table).order_by(*table.primary_key.columns))
+            tables[table.name] = [tuple(row) for row in rows]
+    return tables
+
+
+async def count(db: Database, model: Any) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(select(func.count()).select_from(model))).scalar_one())
+
+
+async def stored_keys(db: Database) -> list[tuple[str, str]]:
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(IdempotencyRecord.key, IdempotencyRecord.response).order_by(IdempotencyRecord.id)
+        )
+        return [(key, response) for key, response in rows]
+
+
+async def age_keys(db: Database, by: timedelta) -> None:
+    """Move every stored key's creation back in time."""
+    async with db.write() as conn:
+        await conn.execute(update(IdempotencyRecord).values(created_at=datetime.now(UTC) - by))
+
+
+def two_calls() -> Any:
+    return batch_request(batch_item("call-1", "c1", "new"), batch_item("call-2", "c2"))
+
+
+# --- replays without a key (call ids) ------------------------------------------------------
+
+
+async def test_replay_without_key_changes_no_row(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    first, _, _ = await send(ingestion, partner, two_calls())
+    assert (first.data.created_calls, first.data.created_customers) == (2, 2)
+    before = await snapshot(db)
+    # The same call ids again, once as sent and once with other statuses and profiles.
+    changed = [batch_item("call-1", "c1", "lost"), batch_item("call-2", "c2", "interested")]
+    changed[0]["customer"]["name"] = "Someone Else"
+    for request in (two_calls(), batch_request(*changed)):
+        reply, _, replayed = await send(ingestion, partner, request)
+        data = reply.data
+        assert (data.created_calls, data.duplicate_calls, data.created_customers) == (0, 2, 0)
+        assert [(i.status, i.customer_created) for i in data.items] == [("duplicate", False)] * 2
+        assert replayed is None
+        assert await snapshot(db) == before
+    assert (len(before["calls"]), len(before["customers"])) == (2, 2)
+    assert await history(db, "c1") == [(None, "new", "batch_call")]
+    assert await stored_keys(db) == []
+
+
+# --- Idempotency-Key over gRPC ---------------------------------------------------------------
+
+
+async def test_first_request_stores_its_outcome_with_the_batch(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    reply, _, replayed = await send(ingestion, partner, two_calls(), key="k1")
+    assert (reply.data.created_calls, replayed) == (2, None)
+    [(key, response)] = await stored_keys(db)
+    assert key == "k1"
+    assert json.loads(response) == {
+        "items": [
+            {
+                "index": 0,
+                "call_id": "call-1",
+                "customer_id": "c1",
+                "status": "created",
+                "customer_created": True,
+            },
+            {
+                "index": 1,
+                "call_id": "call-2",
+                "customer_id": "c2",
+                "status": "created",
+                "customer_created": True,
+            },
+        ]
+    }
+    async with db.read() as conn:
+        method, fingerprint = (
+            await conn.execute(select(IdempotencyRecord.method, IdempotencyRecord.fingerprint))
+        ).one()
+    assert method == domain.METHOD == "disposition.v1.CallIngestionService/IngestBatchCalls"
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+
+
+async def test_replay_returns_the_first_reply_and_applies_nothing(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    _, first_bytes, first_replayed = await send(ingestion, partner, two_calls(), key="k1")
+    before = await snapshot(db)
+    for _ in range(2):
+        again, again_bytes, replayed = await send(ingestion, partner, two_calls(), key="k1")
+        assert again_bytes == first_bytes
+        assert [item.status for item in again.data.items] == ["created", "created"]
+        assert (first_replayed, replayed) == (None, "true")
+        assert await snapshot(db) == before
+    assert len(await stored_keys(db)) == 1
+    assert await history(db, "c1") == [(None, "new", "batch_call")]
+
+
+async def test_same_key_with_another_body_is_refused(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    await send(ingestion, partner, two_calls(), key="k1")
+    before = await snapshot(db)
+    other = batch_request(batch_item("call-3", "c3"))
+    error = await refused(ingestion, partner, other, "k1")
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Validation failed",
+    )
+    assert violations(error) == REUSED
+    assert details(error)["ErrorInfo"].reason == "IDEMPOTENCY_KEY_REUSED"
+    # A body that is also invalid: the key is judged first.
+    invalid = batch_request(batch_item("call-3", "c3", contact_number="555"))
+    assert violations(await refused(ingestion, partner, invalid, "k1")) == REUSED
+    assert await snapshot(db) == before
+    assert len(await stored_keys(db)) == 1
+
+
+async def test_same_key_and_body_for_another_sub_tenant_is_refused(
+    ingestion: Any, db: Database
+) -> None:
+    creds = await onboard(db, "multi", grants=[("tenant1", "a"), ("tenant1", "b")])
+    await send(ingestion, creds, two_calls(), key="k1")
+    elsewhere = Credentials("multi", creds.api_key, creds.api_secret, "tenant1", "b")
+    assert violations(await refused(ingestion, elsewhere, two_calls(), "k1")) == REUSED
+
+
+async def test_same_key_on_another_endpoint_is_refused(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    """The domain API as another endpoint (the batch disposition update) would call it."""
+    await send(ingestion, partner, two_calls(), key="k1")
+    async with db.read() as conn:
+        partner_pk = (
+            await conn.execute(select(Partner.id).where(Partner.partner_id == partner.partner_id))
+        ).scalar_one()
+    token = context.current.set(
+        RequestContext(
+            request_id="r",
+            method="/disposition.v1.DispositionService/BatchUpdateDispositionStatus",
+            partner_pk=partner_pk,
+            tenant_id=partner.tenant_id,
+            sub_tenant_id=partner.sub_tenant_id,
+        )
+    )
+    items = [_batch_item(item) for item in two_calls().data]
+    decode = domain.BatchOutcome.from_json
+    try:
+        same = idempotency.prepare("k1", method=domain.METHOD, payload=items)
+        assert (await idempotency.replay(db, same, decode)) is not None  # the control
+        elsewhere = idempotency.prepare(
+            "k1",
+            method="disposition.v1.DispositionService/BatchUpdateDispositionStatus",
+            payload=items,
+        )
+        with pytest.raises(IdempotencyKeyReused):
+            await idempotency.replay(db, elsewhere, decode)
+        async with db.write() as conn:
+            with pytest.raises(IdempotencyKeyReused):
+                await idempotency.claim(conn, elsewhere, decode)
+    finally:
+        context.current.reset(token)
+    assert len(await stored_keys(db)) == 1
+
+
+async def test_keys_are_per_partner(ingestion: Any, partner: Credentials, db: Database) -> None:
+    other = await onboard(db, "456", grants=[("tenant1", "subtenant1")])
+    _, first_bytes, _ = await send(ingestion, partner, two_calls(), key="k1")
+    reply, other_bytes, replayed = await send(ingestion, other, two_calls(), key="k1")
+    assert (reply.data.created_calls, replayed) == (2, None)  # call ids are per partner too
+    assert other_bytes != first_bytes  # the customers existed: not created again
+    assert reply.data.created_customers == 0
+    assert await count(db, Call) == 4
+    assert [key for key, _ in await stored_keys(db)] == ["k1", "k1"]
+
+
+async def test_rejected_request_does_not_use_up_the_key(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    invalid = batch_request(batch_item("call-1", "c1", contact_number="555"))
+    error = await refused(ingestion, partner, invalid, "k1")
+    assert violations(error) == [
+        (
+            "data[0].call.contact_number",
+            "data[0].call.contact_number must be a phone number in E.164 format, e.g. +14155550123",
+        )
+    ]
+    assert await stored_keys(db) == []
+    reply, _, replayed = await send(ingestion, partner, two_calls(), key="k1")
+    assert (reply.data.created_calls, replayed) == (2, None)
+    assert (await send(ingestion, partner, two_calls(), key="k1"))[2] == "true"
+
+
+async def test_failure_after_the_batch_stores_neither_batch_nor_key(
+    ingestion: Any, partner: Credentials, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(key_storage, "store_response", broken)
+    error = await refused(ingestion, partner, two_calls(), "k1")
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert (await count(db, Call), await count(db, Customer), await stored_keys(db)) == (0, 0, [])
+    monkeypatch.undo()
+    reply, _, replayed = await send(ingestion, partner, two_calls(), key="k1")
+    assert (reply.data.created_calls, replayed) == (2, None)
+
+
+async def test_failure_during_the_batch_releases_the_key(
+    ingestion: Any, partner: Credentials, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(calls, "insert_calls", broken)
+    assert (await refused(ingestion, partner, two_calls(), "k1")).code() == (
+        grpc.StatusCode.INTERNAL
+    )
+    assert (await count(db, Customer), await stored_keys(db)) == (0, [])
+    monkeypatch.undo()
+    assert (await send(ingestion, partner, two_calls(), key="k1"))[0].data.created_calls == 2
+
+
+async def test_key_is_kept_for_24_hours_then_treated_as_new(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    _, first_bytes, _ = await send(ingestion, partner, two_calls(), key="k1")
+    await age_keys(db, timedelta(hours=23, minutes=59))
+    assert (await send(ingestion, partner, two_calls(), key="k1"))[1:] == (first_bytes, "true")
+    await age_keys(db, timedelta(hours=24, seconds=1))
+    reply, _, replayed = await send(ingestion, partner, two_calls(), key="k1")
+    assert (reply.data.duplicate_calls, replayed) == (2, None)  # ran again: call ids are known
+    _, again_bytes, replayed = await send(ingestion, partner, two_calls(), key="k1")
+    assert (again_bytes, replayed) == (reply.SerializeToString(deterministic=True), "true")
+    # An expired key may also carry another body.
+    await age_keys(db, timedelta(days=2))
+    other = batch_request(batch_item("call-3", "c3"))
+    assert (await send(ingestion, partner, other, key="k1"))[0].data.created_calls == 1
+    assert len(await stored_keys(db)) == 1
+
+
+async def test_expired_keys_are_pruned_when_a_key_is_stored(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    for n in range(3):
+        await send(ingestion, partner, batch_request(batch_item(f"old-{n}", "c1")), key=f"old{n}")
+    await age_keys(db, timedelta(hours=25))
+    await send(ingestion, partner, two_calls(), key="fresh")
+    assert [key for key, _ in await stored_keys(db)] == ["fresh"]
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("", "Idempotency-Key must not be empty"),
+        ("   ", "Idempotency-Key must not be empty"),
+        ("k" * 256, "Idempotency-Key must be at most 255 characters long"),
+    ],
+)
+async def test_malformed_key_is_a_bad_request(
+    ingestion: Any, partner: Credentials, db: Database, key: str, message: str
+) -> None:
+    error = await refused(ingestion, partner, two_calls(), key)
+    assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert set(details(error)) == {"ErrorInfo"}
+    assert details(error)["ErrorInfo"].reason == "INVALID_IDEMPOTENCY_KEY"
+    assert (await count(db, Call), await stored_keys(db)) == (0, [])
+
+
+async def test_longest_key_is_accepted(ingestion: Any, partner: Credentials) -> None:
+    key = "K" * 255
+    await send(ingestion, partner, two_calls(), key=key)
+    assert (await send(ingestion, partner, two_calls(), key=key))[2] == "true"
+
+
+async def test_concurrent_requests_with_one_key_apply_once(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    items = [batch_item(f"call-{i}", f"c{i % 3}", f"s{i}") for i in range(12)]
+    replies = await asyncio.gather(
+        *(send(ingestion, partner, batch_request(*items), key="k1") for _ in range(8))
+    )
+    assert len({reply_bytes for _, reply_bytes, _ in replies}) == 1
+    assert sorted(str(replayed) for _, _, replayed in replies) == ["None"] + ["true"] * 7
+    reply = replies[0][0]
+    assert (reply.data.created_calls, reply.data.created_customers) == (12, 3)
+    assert (await count(db, Call), await count(db, Customer)) == (12, 3)
+    assert len(await history(db, "c0")) == 4
+    assert len(await stored_keys(db)) == 1
+
+
+async def test_concurrent_requests_replay_from_the_write_transaction(
+    ingestion: Any, partner: Credentials, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the read-only fast path every twin reaches claim(): one runs, the rest replay."""
+
+    async def miss(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(idempotency, "replay", miss)
+    replies = await asyncio.gather(
+        *(send(ingestion, partner, two_calls(), key="k1") for _ in range(5))
+    )
+    assert len({reply_bytes for _, reply_bytes, _ in replies}) == 1
+    assert sorted(str(replayed) for _, _, replayed in replies) == ["None"] + ["true"] * 4
+    assert (await count(db, Call), len(await history(db, "c1"))) == (2, 1)
+    other = batch_request(batch_item("call-9", "c9"))
+    assert violations(await refused(ingestion, partner, other, "k1")) == REUSED
+
+
+# --- PostgreSQL: a twin waits on the key's unique index ---------------------------------------
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """TEST_POSTGRES_URL (postgresql+asyncpg://…), emptied: every table is dropped first."""
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("TEST_POSTGRES_URL is not set")
+    database = Database(settings_for(url))
+    async with database.write() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+    await database.create_schema()
+    await database.dispose()
+    yield url
+
+
+@pytest.mark.postgres
+async def test_postgres_concurrent_requests_with_one_key_apply_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def miss(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    db = Database(settings_for(pg_url))
+    creds = await onboard(db, "123")
+    server = App(settings_for(pg_url), Database(settings_for(pg_url)))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = ingestion_grpc.CallIngestionServiceStub(channel)
+            for key, fast_path in (("k1", True), ("k2", False)):
+                if not fast_path:
+                    monkeypatch.setattr(idempotency, "replay", miss)
+                request = batch_request(*(batch_item(f"{key}-{i}", f"c{i % 3}") for i in range(9)))
+                replies = await asyncio.gather(
+                    *(send(stub, creds, request, key=key) for _ in range(8))
+                )
+                assert len({reply_bytes for _, reply_bytes, _ in replies}) == 1
+                assert sorted(str(flag) for _, _, flag in replies) == ["None"] + ["true"] * 7
+        assert await count(db, Call) == 18
+        assert [key for key, _ in await stored_keys(db)] == ["k1", "k2"]
+    finally:
+        await server.stop(grace=1)
+        await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_postgres_claim_waits_for_the_first_transaction(pg_url: str) -> None:
+    db = Database(settings_for(pg_url))
+    await onboard(db, "123")
+    async with db.read() as conn:
+        partner_pk = (await conn.execute(select(Partner.id))).scalar_one()
+    token = context.current.set(
+        RequestContext("r", "/m", partner_pk=partner_pk, tenant_id="t", sub_tenant_id="s")
+    )
+
+    def decode(data: Any) -> Any:
+        return data
+
+    async def twin(request: idempotency.IdempotentRequest | None) -> Any:
+        async with db.write() as conn:
+            result = await idempotency.claim(conn, request, decode)
+            if result is None:
+                await idempotency.record(conn, request, {"by": "twin"})
+            return result
+
+    try:
+        # The first transaction crashes before its commit: the waiting twin takes the key.
+        crashing = idempotency.prepare("k1", method="M", payload=[1])
+        with pytest.raises(RuntimeError):
+            async with db.write() as conn:
+                assert await idempotency.claim(conn, crashing, decode) is None
+                waiting = asyncio.create_task(twin(crashing))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()  # blocked on the uncommitted key
+                raise RuntimeError("crash")
+        assert await waiting is None
+        # The first transaction commits: the waiting twin replays its outcome.
+        request = idempotency.prepare("k2", method="M", payload=[1])
+        async with db.write() as conn:
+            assert await idempotency.claim(conn, request, decode) is None
+            waiting = asyncio.create_task(twin(request))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            await idempotency.record(conn, request, {"by": "first"})
+        assert await waiting == idempotency.Result({"by": "first"}, replayed=True)
+        assert [key for key, _ in await stored_keys(db)] == ["k1", "k2"]
+    finally:
+        context.current.reset(token)
+        await db.dispose()
+
+
+# --- pure logic ------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_canonical() -> None:
+    item = domain.BatchItem(call=None, agent=None, customer=None, metadata={"a": "1", "b": "2"})
+    reordered = domain.BatchItem(
+        call=None, agent=None, customer=None, metadata={"b": "2", "a": "1"}
+    )
+    same = idempotency.fingerprint("M", [item])
+    assert same == idempotency.fingerprint("M", (reordered,))
+    assert same != idempotency.fingerprint("N", [item])
+    assert same != idempotency.fingerprint("M", [item, item])
+
+
+@pytest.mark.parametrize("key", ["", " ", "k" * 256, "clé", "tab\there", "nul\x00"])
+def test_parse_key_refuses(key: str) -> None:
+    with pytest.raises(InvalidIdempotencyKey):
+        idempotency.parse_key(key)
+
+
+def test_parse_key_accepts() -> None:
+    assert idempotency.parse_key(None) is None
+    for key in ("k", "550e8400-e29b-41d4-a716-446655440000", "a b~!", "x" * 255):
+        assert idempotency.parse_key(key) == key
+
+
+# --- through Envoy ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("idempotency"))
+
+
+def rows(stack: Stack) -> dict[str, int]:
+    with sqlite3.connect(stack.db_path) as conn:
+        return {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("calls", "customers", "disposition_history", "idempotency_keys")
+        }
+
+
+def fresh(stack: Stack) -> tuple[Credentials, str]:
+    """A new partner and key for a test (the stack is shared by the module)."""
+    suffix = uuid.uuid4().hex[:8]
+    return stack.onboard(f"p-{suffix}"), f"key-{suffix}"
+
+
+def body(*call_ids: str) -> dict[str, Any]:
+    return {"data": [batch_item(call_id, f"cust-{call_id}", "new") for call_id in call_ids]}
+
+
+REUSED_BODY = (
+    b'{"success":false,"message":"Validation failed","errors":[{"field":"Idempotency-Key",'
+    b'"message":"Idempotency-Key was already used with a different request"}]}'
+)
+
+
+@pytest.mark.envoy
+def test_rest_replay_is_byte_for_byte_and_applies_nothing(stack: Stack) -> None:
+    creds, key = fresh(stack)
+    first = stack.request("POST", BATCH, body("r1", "r2"), creds, idempotency_key=key)
+    assert first.status == 200
+    assert json.loads(first.body)["data"]["created_calls"] == 2
+    assert first.header(REPLAYED) is None
+    before = rows(stack)
+    for _ in range(2):
+        again = stack.request("POST", BATCH, body("r1", "r2"), creds, idempotency_key=key)
+        assert_rest_reply(again, 200, first.body)
+        assert again.header(REPLAYED) == "true"
+        assert rows(stack) == before
+
+
+@pytest.mark.envoy
+def test_rest_same_key_with_another_body(stack: Stack) -> None:
+    creds, key = fresh(stack)
+    assert stack.request("POST", BATCH, body("d1"), creds, idempotency_key=key).status == 200
+    before = rows(stack)
+    reply = stack.request("POST", BATCH, body("d2"), creds, idempotency_key=key)
+    assert_rest_reply(reply, 422, REUSED_BODY)
+    assert reply.header(REPLAYED) is None
+    assert rows(stack) == before
+
+
+@pytest.mark.envoy
+def test_rest_keys_are_per_partner(stack: Stack) -> None:
+    (one, key), (two, _) = fresh(stack), fresh(stack)
+    for creds in (one, two):
+        reply = stack.request("POST", BATCH, body("same"), creds, idempotency_key=key)
+        assert reply.status == 200
+        assert json.loads(reply.body)["data"]["created_calls"] == 1
+        assert reply.header(REPLAYED) is None
+
+
+@pytest.mark.envoy
+def test_rest_rejected_request_does_not_use_up_the_key(stack: Stack) -> None:
+    creds, key = fresh(stack)
+    bad = body("v1")
+    bad["data"][0]["call"]["end_time"] = bad["data"][0]["call"]["start_time"]
+    reply = stack.request("POST", BATCH, bad, creds, idempotency_key=key)
+    assert_rest_reply(
+        reply,
+        422,
+        b'{"success":false,"message":"Validation failed","errors":[{"field":'
+        b'"data[0].call.end_time","message":"data[0].call.end_time must be after '
+        b'data[0].call.start_time"}]}',
+    )
+    fixed = stack.request("POST", BATCH, body("v1"), creds, idempotency_key=key)
+    assert fixed.status == 200 and fixed.header(REPLAYED) is None
+    assert json.loads(fixed.body)["data"]["created_calls"] == 1
+    again = stack.request("POST", BATCH, body("v1"), creds, idempotency_key=key)
+    assert_rest_reply(again, 200, fixed.body)
+    assert again.header(REPLAYED) == "true"
+
+
+@pytest.mark.envoy
+def test_rest_expired_key_is_treated_as_new(stack: Stack) -> None:
+    creds, key = fresh(stack)
+    first = stack.request("POST", BATCH, body("e1"), creds, idempotency_key=key)
+    assert json.loads(first.body)["data"]["created_calls"] == 1
+    old = (datetime.now(UTC) - timedelta(hours=25)).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with sqlite3.connect(stack.db_path) as conn:
+        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE key = ?", (old, key))
+    again = stack.request("POST", BATCH, body("e1"), creds, idempotency_key=key)
+    assert again.status == 200 and again.header(REPLAYED) is None
+    assert json.loads(again.body)["data"]["duplicate_calls"] == 1
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("", "Idempotency-Key must not be empty"),
+        ("k" * 256, "Idempotency-Key must be at most 255 characters long"),
+        ("cl\xe9", "Idempotency-Key must contain only printable ASCII characters"),
+    ],
+)
+def test_rest_malformed_key(stack: Stack, key: str, message: str) -> None:
+    creds, _ = fresh(stack)
+    before = rows(stack)
+    reply = stack.request("POST", BATCH, body("m1"), creds, idempotency_key=key)
+    assert_rest_reply(reply, 400, f'{{"success":false,"message":"{message}"}}'.encode())
+    assert rows(stack) == before
