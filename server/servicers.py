@@ -71,7 +71,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.BatchUpdateDispositionStatusRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.BatchUpdateDispositionStatusResponse:
-        outcome = await batch_updates.batch_update(
+        result = await batch_updates.batch_update(
             self.db,
             items=[
                 batch_updates.UpdateItem(
@@ -82,7 +82,10 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
                 )
                 for item in request.items
             ],
+            idempotency_key=_idempotency_key(),
         )
+        await _mark_replay(context, result)
+        outcome = result.value
         return disposition_pb2.BatchUpdateDispositionStatusResponse(
             success=True,
             data=disposition_pb2.BatchUpdateDispositionStatusResult(

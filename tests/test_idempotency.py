@@ -17,13 +17,14 @@ import pytest
 from sqlalchemy import func, select, update
 
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
+from disposition.v1 import disposition_service_pb2 as pb
 from server import context
 from server.app import App
 from server.context import RequestContext
 from server.db import Database
 from server.domain import idempotency
 from server.domain import ingestion as domain
-from server.errors import IdempotencyKeyReused, InvalidIdempotencyKey
+from server.errors import InvalidIdempotencyKey
 from server.models import (
     Base,
     Call,
@@ -33,7 +34,6 @@ from server.models import (
     IdempotencyRecord,
     Partner,
 )
-from server.servicers import _batch_item
 from server.storage import calls
 from server.storage import idempotency as key_storage
 from tests.grpc_helpers import batch_request, details, history, violations
@@ -199,41 +199,59 @@ async def test_same_key_and_body_for_another_sub_tenant_is_refused(
 
 
 async def test_same_key_on_another_endpoint_is_refused(
-    ingestion: Any, partner: Credentials, db: Database
+    ingestion: Any, dispositions: Any, partner: Credentials, db: Database
 ) -> None:
-    """The domain API as another endpoint (the batch disposition update) would call it."""
     await send(ingestion, partner, two_calls(), key="k1")
-    async with db.read() as conn:
-        partner_pk = (
-            await conn.execute(select(Partner.id).where(Partner.partner_id == partner.partner_id))
-        ).scalar_one()
-    token = context.current.set(
-        RequestContext(
-            request_id="r",
-            method="/disposition.v1.DispositionService/BatchUpdateDispositionStatus",
-            partner_pk=partner_pk,
-            tenant_id=partner.tenant_id,
-            sub_tenant_id=partner.sub_tenant_id,
+    before = await snapshot(db)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispositions.BatchUpdateDispositionStatus(
+            batch_update_request(("c1", "won")), metadata=partner.metadata(idempotency_key="k1")
         )
-    )
-    items = [_batch_item(item) for item in two_calls().data]
-    decode = domain.BatchOutcome.from_json
-    try:
-        same = idempotency.prepare("k1", method=domain.METHOD, payload=items)
-        assert (await idempotency.replay(db, same, decode)) is not None  # the control
-        elsewhere = idempotency.prepare(
-            "k1",
-            method="disposition.v1.DispositionService/BatchUpdateDispositionStatus",
-            payload=items,
-        )
-        with pytest.raises(IdempotencyKeyReused):
-            await idempotency.replay(db, elsewhere, decode)
-        async with db.write() as conn:
-            with pytest.raises(IdempotencyKeyReused):
-                await idempotency.claim(conn, elsewhere, decode)
-    finally:
-        context.current.reset(token)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == REUSED
+    assert await snapshot(db) == before
     assert len(await stored_keys(db)) == 1
+
+
+def batch_update_request(*items: tuple[str, str]) -> Any:
+    return pb.BatchUpdateDispositionStatusRequest(
+        items=[pb.DispositionStatusUpdate(customer_id=c, disposition_status=s) for c, s in items]
+    )
+
+
+async def test_batch_update_replay_returns_the_first_reply_and_applies_nothing(
+    ingestion: Any, dispositions: Any, partner: Credentials, db: Database
+) -> None:
+    await send(ingestion, partner, two_calls())
+    request = batch_update_request(("c1", "won"), ("c2", "lost"), ("nobody", "x"))
+    call = dispositions.BatchUpdateDispositionStatus(
+        request, metadata=partner.metadata(idempotency_key="bu-1")
+    )
+    first = await call
+    assert (await call.initial_metadata()).get(REPLAYED) is None
+    assert (first.data.ok, first.data.not_found, first.data.changed) == (2, 1, 2)
+    before = await snapshot(db)
+    for _ in range(2):
+        call = dispositions.BatchUpdateDispositionStatus(
+            request, metadata=partner.metadata(idempotency_key="bu-1")
+        )
+        again = await call
+        assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+            deterministic=True
+        )
+        assert (await call.initial_metadata()).get(REPLAYED) == "true"
+        assert await snapshot(db) == before
+    # Without the key the same batch runs again: nothing changes, but nothing is replayed.
+    plain = await dispositions.BatchUpdateDispositionStatus(request, metadata=partner.metadata())
+    assert (plain.data.ok, plain.data.changed) == (2, 0)
+    # The key with another batch is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await dispositions.BatchUpdateDispositionStatus(
+            batch_update_request(("c1", "other")),
+            metadata=partner.metadata(idempotency_key="bu-1"),
+        )
+    assert violations(caught.value) == REUSED
+    assert await history(db, "c1") == [(None, "new", "batch_call"), ("new", "won", "batch_update")]
 
 
 async def test_keys_are_per_partner(ingestion: Any, partner: Credentials, db: Database) -> None:
@@ -617,3 +635,23 @@ def test_rest_malformed_key(stack: Stack, key: str, message: str) -> None:
     reply = stack.request("POST", BATCH, body("m1"), creds, idempotency_key=key)
     assert_rest_reply(reply, 400, f'{{"success":false,"message":"{message}"}}'.encode())
     assert rows(stack) == before
+
+
+@pytest.mark.envoy
+def test_rest_batch_update_replay(stack: Stack) -> None:
+    creds, key = fresh(stack)
+    assert stack.request("POST", BATCH, body("bu1"), creds).status == 200
+    update = {"items": [{"customer_id": "cust-bu1", "disposition_status": "won"}]}
+    path = "/api/v1/partner/ingest/disposition-status/batch"
+    first = stack.request("POST", path, update, creds, idempotency_key=key)
+    assert first.status == 200
+    assert json.loads(first.body)["data"]["changed"] == 1
+    before = rows(stack)
+    again = stack.request("POST", path, update, creds, idempotency_key=key)
+    assert_rest_reply(again, 200, first.body)
+    assert again.header(REPLAYED) == "true"
+    assert rows(stack) == before
+    other = {"items": [{"customer_id": "cust-bu1", "disposition_status": "lost"}]}
+    assert_rest_reply(
+        stack.request("POST", path, other, creds, idempotency_key=key), 422, REUSED_BODY
+    )

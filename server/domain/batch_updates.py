@@ -10,18 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server import context
 from server.db import Database
-from server.domain import catalogs, validation
+from server.domain import catalogs, idempotency, validation
 from server.domain.ingestion import MAX_BATCH
 from server.errors import ValidationFailed
 from server.storage import customers
 from server.storage.customers import StatusChange
 
 SOURCE_BATCH_UPDATE = "batch_update"
+METHOD = "disposition.v1.DispositionService/BatchUpdateDispositionStatus"  # idempotency keys
 OK, NOT_FOUND, INVALID = "ok", "not_found", "invalid"
 
 
@@ -53,6 +55,22 @@ class BatchUpdateOutcome:
     def changed(self) -> int:
         return sum(1 for item in self.items if item.changed)
 
+    @classmethod
+    def from_json(cls, data: Any) -> BatchUpdateOutcome:
+        """The outcome stored with an idempotency key (idempotency.to_json), rebuilt."""
+        return cls(
+            [
+                ItemOutcome(
+                    index=item["index"],
+                    customer_id=item["customer_id"],
+                    status=item["status"],
+                    changed=item["changed"],
+                    errors=tuple((field, message) for field, message in item["errors"]),
+                )
+                for item in data["items"]
+            ]
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedBatch:
@@ -79,16 +97,25 @@ def prepare_batch(items: Sequence[UpdateItem]) -> PreparedBatch:
     return PreparedBatch(items, problems)
 
 
-async def batch_update(db: Database, *, items: Sequence[UpdateItem]) -> BatchUpdateOutcome:
+async def batch_update(
+    db: Database, *, items: Sequence[UpdateItem], idempotency_key: str | None = None
+) -> idempotency.Result[BatchUpdateOutcome]:
     """Apply a batch for the caller's tenant and sub-tenant; committed before this returns.
 
-    Idempotency seam: a retried batch can be answered from a stored reply by running
-    `apply_batch` and the reply's storage in this same `db.write()` transaction, keyed by the
-    caller's `idempotency-key` (see server/domain/idempotency.py).
+    With an idempotency key, a retry gets the first outcome back (stored in the same
+    transaction as the changes) instead of applying the batch again.
     """
+    request = idempotency.prepare(idempotency_key, method=METHOD, payload=items)
+    decode = BatchUpdateOutcome.from_json
+    if (replayed := await idempotency.replay(db, request, decode)) is not None:
+        return replayed
     batch = prepare_batch(items)
     async with db.write() as conn:
-        return await apply_batch(conn, batch)
+        if (replayed := await idempotency.claim(conn, request, decode)) is not None:
+            return replayed
+        outcome = await apply_batch(conn, batch)
+        await idempotency.record(conn, request, outcome)
+    return idempotency.Result(outcome)
 
 
 async def apply_batch(conn: AsyncConnection, batch: PreparedBatch) -> BatchUpdateOutcome:
