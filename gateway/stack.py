@@ -127,6 +127,8 @@ def _banner(http_port: int, grpc_port: int, creds: dict[str, str]) -> str:
     body = f'{{"customer_id": "{DEMO_CUSTOMER}", "disposition_status": "interested"}}'
     grpc_body = f'{{"customer_id": "{DEMO_CUSTOMER}", "disposition_status": "callback_requested"}}'
     method = "disposition.v1.DispositionService/UpdateDispositionStatus"
+    history = f"/api/v1/partner/customers/{DEMO_CUSTOMER}/disposition-history"
+    watch = "disposition.v1.DispositionService/WatchDispositionChanges"
     return f"""
 Disposition service is up (Ctrl-C stops it).
   REST (Envoy):  http://127.0.0.1:{http_port}
@@ -139,6 +141,12 @@ curl -sS -X PUT http://127.0.0.1:{http_port}{update} -H 'Content-Type: applicati
 -H 'x-partner-id: {DEMO_PARTNER}' {headers} -d '{body}'
 
 .venv/bin/grpcurl -plaintext {headers} -d '{grpc_body}' 127.0.0.1:{grpc_port} {method}
+
+The customer's history, newest first:
+curl -sS http://127.0.0.1:{http_port}{history} {headers}
+
+Every change as it commits (a gRPC stream; Ctrl-C ends it):
+.venv/bin/grpcurl -plaintext {headers} -d '{{}}' 127.0.0.1:{grpc_port} {watch}
 """
 
 
