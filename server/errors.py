@@ -16,6 +16,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "disposition.v1"
 
+# ValidationFailed's BadRequest is sent in the `grpc-status-details-bin` trailer, so its size is
+# bounded by gRPC clients' metadata limit: 8 KB by default (grpc core, as in grpcio; grpc-java).
+MAX_VIOLATION_BYTES = 4096  # the encoded field violations, the final "more problems" one included
+MAX_FIELD_BYTES = 512  # a field path is cut to this many UTF-8 bytes (never reached by real paths)
+MAX_DESCRIPTION_BYTES = 1024  # a message likewise (a catalog's "must be one of" is up to ~600)
+
 
 class ServiceError(Exception):
     """Base of every error a client may see; unexpected errors become this (500)."""
@@ -85,7 +91,16 @@ class InvalidIdempotencyKey(BadRequest):
 
 
 class ValidationFailed(ServiceError):
-    """The body breaks one or more field rules (422, with a BadRequest detail)."""
+    """The body breaks one or more field rules (422, with a BadRequest detail).
+
+    `violations` keeps every problem. The BadRequest lists them in order for as long as their
+    encoded size fits in MAX_VIOLATION_BYTES (4 KB: about 35 problems of a batch item, never
+    fewer than 2), each field path cut to MAX_FIELD_BYTES and each message to
+    MAX_DESCRIPTION_BYTES. When problems are left out, a last violation with the empty field (the
+    request as a whole) says how many: "967 more problems not listed; fix the listed ones and
+    retry to see the rest". So the whole error trailer stays under 6.5 KB, even base64-encoded,
+    below the 8 KB metadata limit of gRPC clients, and every REST and gRPC client receives it.
+    """
 
     code = code_pb2.INVALID_ARGUMENT
     http_status = 422
@@ -97,13 +112,31 @@ class ValidationFailed(ServiceError):
         self.violations = list(violations)
 
     def details(self) -> list[any_pb2.Any]:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
-                for field, message in self.violations
-            ]
-        )
+        bad_request = error_details_pb2.BadRequest(field_violations=self.listed_violations())
         return [*super().details(), _pack(bad_request)]
+
+    def listed_violations(self) -> list[error_details_pb2.BadRequest.FieldViolation]:
+        """The violations the BadRequest carries: the first ones that fit, then a count of the
+        others (see the class docstring)."""
+        listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+        used = 0
+        for field, message in self.violations:
+            violation = _violation(
+                _clip(field, MAX_FIELD_BYTES), _clip(message, MAX_DESCRIPTION_BYTES)
+            )
+            size = _violation_size(violation)
+            if used + size > MAX_VIOLATION_BYTES:
+                break
+            listed.append(violation)
+            used += size
+        else:
+            return listed
+        # Some are left out: make room for their count (sized for the largest it could be).
+        total = len(self.violations)
+        room = MAX_VIOLATION_BYTES - _violation_size(_more_problems(total))
+        while used > room:
+            used -= _violation_size(listed.pop())
+        return [*listed, _more_problems(total - len(listed))]
 
 
 class IdempotencyKeyReused(ValidationFailed):
@@ -162,6 +195,30 @@ class ServiceUnavailable(ServiceError):
     http_status = 503
     default_message = "Service unavailable"
     reason = "UNAVAILABLE"
+
+
+def _violation(field: str, description: str) -> error_details_pb2.BadRequest.FieldViolation:
+    return error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+
+
+def _more_problems(count: int) -> error_details_pb2.BadRequest.FieldViolation:
+    problems = "problem" if count == 1 else "problems"
+    return _violation(
+        "", f"{count} more {problems} not listed; fix the listed ones and retry to see the rest"
+    )
+
+
+def _violation_size(violation: error_details_pb2.BadRequest.FieldViolation) -> int:
+    """Bytes the violation adds to an encoded BadRequest (its tag and length included)."""
+    return int(error_details_pb2.BadRequest(field_violations=[violation]).ByteSize())
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes, ending with "…" when cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - len("…".encode())].decode(errors="ignore") + "…"
 
 
 def _pack(message: object) -> any_pb2.Any:

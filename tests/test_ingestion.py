@@ -195,6 +195,26 @@ async def test_batch_size_limits(
     assert violations(caught.value) == [expected]
 
 
+async def test_a_thousand_problems_are_capped_so_the_error_always_arrives(
+    ingestion: Any, partner: Credentials, db: Database
+) -> None:
+    # Every problem would need a 122 KB trailer, beyond any gRPC client's metadata limit (8 KB).
+    items = [batch_item(f"call-{i}", f"c{i}", contact_number="555") for i in range(1000)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingestion.IngestBatchCalls(batch_request(*items), metadata=partner.metadata())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "Validation failed"
+    field = "data[{}].call.contact_number"
+    message = f"{field} must be a phone number in E.164 format, e.g. +14155550123"
+    assert violations(caught.value) == [
+        *((field.format(i), message.format(i)) for i in range(33)),
+        ("", "967 more problems not listed; fix the listed ones and retry to see the rest"),
+    ]
+    trailer = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert 4000 < len(trailer) < 4300
+    assert await count(db, Call) == 0
+
+
 async def test_full_batch_of_1000(ingestion: Any, partner: Credentials, db: Database) -> None:
     items = [batch_item(f"call-{i}", f"c{i}", "new") for i in range(1000)]
     reply = await ingestion.IngestBatchCalls(batch_request(*items), metadata=partner.metadata())

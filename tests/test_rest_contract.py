@@ -8,10 +8,14 @@ import json
 import sqlite3
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
+from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from server.db import Database
-from server.domain import partners
+from server.domain import catalogs, partners
+from server.domain.catalogs import Disposition
+from tests.grpc_helpers import batch_request, violations
 from tests.http_helpers import assert_rest_reply, call
 from tests.rest_stack import BATCH, UPDATE, Stack, start_stack
 from tests.support import batch_item, run, settings_for
@@ -162,6 +166,63 @@ def test_batch_call_reply(stack: Stack) -> None:
         b'"data[0].call.contact_number","message":"data[0].call.contact_number must be a phone'
         b' number in E.164 format, e.g. +14155550123"}]}',
     )
+
+
+def validation_failed(errors: list[tuple[str, str]]) -> bytes:
+    body = {
+        "success": False,
+        "message": "Validation failed",
+        "errors": [{"field": field, "message": message} for field, message in errors],
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def test_a_thousand_problems_are_capped_so_the_422_always_arrives(stack: Stack) -> None:
+    # Listing all 1,000 needs a 163 KB (base64) trailer: Envoy refused it, the client got a 502.
+    creds = stack.onboard("many-problems")
+    items = [batch_item(f"m-{i}", f"m-customer-{i}", contact_number="555") for i in range(1000)]
+    reply = stack.request("POST", BATCH, {"data": items}, creds)
+    field = "data[{}].call.contact_number"
+    message = f"{field} must be a phone number in E.164 format, e.g. +14155550123"
+    listed = [(field.format(i), message.format(i)) for i in range(33)]
+    more = ("", "967 more problems not listed; fix the listed ones and retry to see the rest")
+    assert_rest_reply(reply, 422, validation_failed([*listed, more]))
+    # The same capped list reaches a native gRPC client through Envoy (which base64-encodes it).
+    address = f"127.0.0.1:{stack.envoy.http_port}"
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        ingestion_grpc.CallIngestionServiceStub(channel).IngestBatchCalls(
+            batch_request(*items), metadata=creds.metadata(), timeout=30
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == [*listed, more]
+
+
+def test_a_thousand_statuses_outside_the_catalog_are_capped(stack: Stack) -> None:
+    creds = stack.onboard("many-statuses", grants=[("many-tenant", "s1")])
+
+    async def restrict() -> None:
+        db = Database(settings_for(stack.database_url))
+        try:
+            await catalogs.set_catalog(
+                db,
+                tenant_id="many-tenant",
+                sub_tenant_id=catalogs.TENANT_WIDE,
+                dispositions=[Disposition("new", "New"), Disposition("interested", "Interested")],
+            )
+        finally:
+            await db.dispose()
+
+    run(restrict())
+    items = [batch_item(f"s-{i}", f"s-customer-{i}", "bogus") for i in range(1000)]
+    reply = stack.request("POST", BATCH, {"data": items}, creds)
+    field = "data[{}].customer.disposition_status"
+    listed = [
+        (field.format(i), f"{field} must be one of: new, interested".format(i)) for i in range(36)
+    ]
+    more = ("", "964 more problems not listed; fix the listed ones and retry to see the rest")
+    assert_rest_reply(reply, 422, validation_failed([*listed, more]))
+    # A few problems are all listed, as before.
+    assert_rest_reply(stack.ingest(creds, *items[:3]), 422, validation_failed(listed[:3]))
 
 
 # --- Envoy-side cases, same envelope -------------------------------------------------------

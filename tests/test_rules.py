@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
@@ -9,7 +11,14 @@ from server.domain import validation
 from server.domain.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
 from server.domain.dispositions import validate_update
 from server.domain.ratelimit import InProcessRateLimiter
-from server.errors import CustomerNotFound, RateLimited, ValidationFailed
+from server.errors import (
+    MAX_DESCRIPTION_BYTES,
+    MAX_FIELD_BYTES,
+    MAX_VIOLATION_BYTES,
+    CustomerNotFound,
+    RateLimited,
+    ValidationFailed,
+)
 from server.settings import Settings, SettingsError
 
 
@@ -139,3 +148,26 @@ def test_errors_declare_codes_and_details() -> None:
     assert (CustomerNotFound("c").http_status, RateLimited(5).http_status) == (404, 429)
     retry = error_details_pb2.RetryInfo()
     assert RateLimited(5).to_status().details[1].Unpack(retry) and retry.retry_delay.seconds == 5
+
+
+def test_validation_failed_lists_what_fits_in_a_grpc_trailer() -> None:
+    # Worst case: huge 4-byte characters, a million times. Base64 (as Envoy sends it) plus the
+    # other trailers (~0.5 KB) must stay under the 8 KB metadata limit of gRPC clients.
+    error = ValidationFailed([("\U0001f600" * 100_000, "\U0001f4a5" * 100_000)] * 1_000_000)
+    assert len(error.violations) == 1_000_000
+    assert len(base64.b64encode(error.to_status().SerializeToString())) < 6 * 1024
+    listed = error.listed_violations()
+    assert [len(v.field.encode()) for v in listed[:2]] == [MAX_FIELD_BYTES - 1] * 2
+    assert [len(v.description.encode()) for v in listed[:2]] == [MAX_DESCRIPTION_BYTES - 1] * 2
+    assert listed[0].field.endswith("…") and listed[0].description.endswith("…")
+    assert [(v.field, v.description) for v in listed[2:]] == [
+        ("", "999998 more problems not listed; fix the listed ones and retry to see the rest")
+    ]
+    # Exactly the budget: all listed. More: the first ones, leaving room for the count.
+    exact = [("f", "x" * 1015)] * (MAX_VIOLATION_BYTES // 1024)  # 1,024 bytes each, encoded
+    assert len(ValidationFailed(exact).to_status().details[1].value) == MAX_VIOLATION_BYTES
+    over = ValidationFailed([*exact, ("a", "a")]).listed_violations()
+    assert [(v.field, v.description) for v in over] == [
+        *exact[:3],
+        ("", "2 more problems not listed; fix the listed ones and retry to see the rest"),
+    ]
