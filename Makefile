@@ -62,6 +62,15 @@ run: install ## Set up everything and serve: SQLite, demo partner, Envoy on $HTT
 	mkdir -p var
 	$(PY) -m gateway.stack
 
+.PHONY: run-cluster
+run-cluster: install ## REPLICAS (2) servers behind one Envoy on PostgreSQL ($DATABASE_URL) + Redis ($REDIS_URL)
+	mkdir -p var
+	$(PY) -m gateway.cluster
+
+.PHONY: migrate
+migrate: install ## Upgrade the database named by DATABASE_URL to the current schema (Alembic)
+	$(BIN)/disposition-admin migrate
+
 .PHONY: test
 test: install ## Set up everything and run the whole test suite
 	$(BIN)/pytest

@@ -160,8 +160,8 @@ async def _catalog_clear(db: Database, args: argparse.Namespace) -> dict[str, An
 
 
 async def _init_db(db: Database, args: argparse.Namespace) -> dict[str, Any]:
-    await db.create_schema()
-    return {"schema": "ready"}
+    revision = await db.create_schema()
+    return {"schema": "ready", "revision": revision}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     grant_args(command(commands, "grant", _grant, "Let a partner act for a tenant and sub-tenant."))
     grant_args(command(commands, "revoke", _revoke, "Withdraw a tenant grant."))
     command(commands, "list", _list, "List partners and their grants (same as 'partner list').")
-    command(commands, "init-db", _init_db, "Create the schema if it does not exist.")
+    for name in ("migrate", "init-db"):
+        command(commands, name, _init_db, "Create or upgrade the schema (Alembic, to head).")
 
     catalog = commands.add_parser(
         "catalog", help="set, list, clear: the disposition statuses a tenant accepts"
@@ -292,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace, settings: Settings) -> Any:
     db = Database(settings)
     try:
-        if args.run is not _init_db:
-            await db.create_schema()
+        if args.run is not _init_db:  # SQLite migrates itself; PostgreSQL must be at head
+            await db.prepare_schema()
         return await args.run(db, args)
     finally:
         await db.dispose()

@@ -13,25 +13,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Connection, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from server.models import Base
+from server import schema
+from server.schema import SchemaOutdated
 from server.settings import Settings
 
-
-class SchemaOutdated(RuntimeError):
-    """The database's tables lack columns this version needs."""
-
-
-def _missing_columns(conn: Connection) -> list[str]:
-    inspector = inspect(conn)
-    missing: list[str] = []
-    for table in Base.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing += [f"{table.name}.{c.name}" for c in table.columns if c.name not in present]
-    return missing
+__all__ = ["Database", "SchemaOutdated"]
 
 
 class Database:
@@ -52,8 +42,17 @@ class Database:
             # every hot-path read is a single statement.
             _sqlite_pragmas(self.reader.sync_engine, settings, begin=None)
         else:
+            # `?search_path=<schema>` is ours, not asyncpg's: it becomes a server setting.
+            url = make_url(settings.database_url).difference_update_query(["search_path"])
+            server_settings = {}
+            if settings.database_schema is not None:
+                server_settings["search_path"] = settings.database_schema
             self.writer = create_async_engine(
-                settings.database_url, pool_size=10, max_overflow=10, pool_pre_ping=True
+                url,
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                connect_args={"server_settings": server_settings},
             )
             self.reader = self.writer
         self._commit_listeners: list[Callable[[], None]] = []
@@ -76,16 +75,36 @@ class Database:
         async with self.reader.begin() as conn:
             yield conn
 
-    async def create_schema(self) -> None:
-        """Create missing tables (idempotent); refuse a database whose tables are out of date."""
+    async def create_schema(self) -> str:
+        """Migrate the database to the current schema (Alembic head; idempotent).
+
+        Returns the head revision. A database created before migrations existed is stamped
+        when complete, else refused with SchemaOutdated naming what it lacks.
+        """
+        url, search_path = self._public_url(), self.settings.database_schema
+
+        def upgrade(conn: Connection) -> str:
+            return schema.upgrade(conn, url=url, schema=search_path)
+
         async with self.write() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-            missing = await conn.run_sync(_missing_columns)
-        if missing:
-            raise SchemaOutdated(
-                f"{self.settings.database_url}: the database predates this version "
-                f"(missing columns: {', '.join(missing)}); recreate it or migrate it"
-            )
+            return await conn.run_sync(upgrade)
+
+    async def check_schema(self) -> None:
+        """Refuse (SchemaOutdated) a database that is not at the current schema."""
+        url = self._public_url()
+        async with self.read() as conn:
+            await conn.run_sync(lambda sync: schema.check_head(sync, url=url))
+
+    async def prepare_schema(self) -> None:
+        """At a server's start: SQLite (embedded, one node) migrates itself; PostgreSQL is
+        migrated by the operator (`make migrate`) and only checked, so replicas never race."""
+        if self.settings.is_sqlite:
+            await self.create_schema()
+        else:
+            await self.check_schema()
+
+    def _public_url(self) -> str:
+        return make_url(self.settings.database_url).render_as_string(hide_password=True)
 
     async def dispose(self) -> None:
         await self.writer.dispose()

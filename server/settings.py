@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/disposition.db"
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class SettingsError(ValueError):
@@ -24,6 +28,9 @@ class Settings:
     rate_limit_per_minute: int = 120
     sqlite_synchronous: str = "FULL"
     shutdown_grace_seconds: float = 10.0
+    # After SIGTERM, how long the server keeps serving while it reports NOT_SERVING, so that a
+    # load balancer's health checks take it out of rotation before it refuses new RPCs.
+    shutdown_drain_seconds: float = 0.0
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "INFO"
     environment: str = "development"
@@ -31,6 +38,13 @@ class Settings:
     # commits (this process's own commits wake watchers at once), and the heartbeat period.
     feed_poll_seconds: float = 0.05
     feed_heartbeat_seconds: float = 15.0
+    # Rate limits shared by every replica through Redis (None: counted in this process only).
+    redis_url: str | None = None
+    redis_key_prefix: str = "disposition:"
+    redis_timeout_seconds: float = 0.25
+    # Prometheus metrics over HTTP (None: off; 0: an ephemeral port, reported when serving).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -42,10 +56,18 @@ class Settings:
             rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 120, minimum=1),
             sqlite_synchronous=env.get("SQLITE_SYNCHRONOUS", "FULL").upper(),
             shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "10")),
+            shutdown_drain_seconds=_float(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, minimum=0.0),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             environment=env.get("DISPOSITION_ENV", "development"),
             feed_poll_seconds=_float(env, "FEED_POLL_SECONDS", 0.05, minimum=0.001),
             feed_heartbeat_seconds=_float(env, "FEED_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
+            redis_url=env.get("REDIS_URL") or None,
+            redis_key_prefix=env.get("REDIS_KEY_PREFIX", "disposition:"),
+            redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.001),
+            metrics_host=env.get("METRICS_HOST", "127.0.0.1"),
+            metrics_port=(
+                _int(env, "METRICS_PORT", 0, minimum=0) if env.get("METRICS_PORT") else None
+            ),
         )
         settings.check()
         return settings
@@ -63,10 +85,31 @@ class Settings:
             raise SettingsError(
                 "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
             )
+        try:
+            schema = self.database_schema
+        except ValueError as exc:  # sqlalchemy's ArgumentError is one too
+            raise SettingsError(f"DATABASE_URL is not a valid database URL ({exc})") from None
+        if schema is not None and (self.is_sqlite or not _SCHEMA_NAME.fullmatch(schema)):
+            raise SettingsError(
+                "DATABASE_URL's search_path must be one PostgreSQL schema name "
+                "(letters, digits, underscores), on postgresql+asyncpg:// only"
+            )
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.metrics_port is not None and self.metrics_port > 65535:
+            raise SettingsError(f"METRICS_PORT must be at most 65535, got {self.metrics_port}")
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def database_schema(self) -> str | None:
+        """PostgreSQL: the schema named by DATABASE_URL's `?search_path=` (None: the default)."""
+        value = make_url(self.database_url).query.get("search_path")
+        return value if isinstance(value, str) or value is None else ",".join(value)
 
     def sqlite_path(self) -> Path | None:
         """The database file of a SQLite URL (None for PostgreSQL or in-memory)."""

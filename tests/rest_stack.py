@@ -1,17 +1,25 @@
-"""A real stack for REST tests: disposition-server process + Envoy + SQLite file."""
+"""A real stack for REST tests: disposition-server process + Envoy + a database (either engine)."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Executable, Row
 
 from gateway.envoy_process import EnvoyPorts, run_envoy
-from server.db import Database
 from tests.http_helpers import Reply, call
-from tests.support import Credentials, ServerProcess, batch_item, onboard, run, settings_for
+from tests.support import (
+    Credentials,
+    ServerProcess,
+    batch_item,
+    onboard_at,
+    settings_for,
+    sql,
+)
 
 UPDATE = "/api/v1/partner/ingest/disposition-status"
 BATCH = "/api/v1/partner/ingest/batch-call"
@@ -20,7 +28,7 @@ BATCH = "/api/v1/partner/ingest/batch-call"
 @dataclass
 class Stack:
     database_url: str
-    db_path: Path
+    db_path: Path | None  # the SQLite file (None on PostgreSQL)
     server: ServerProcess
     envoy: EnvoyPorts
     partner: Credentials
@@ -47,33 +55,31 @@ class Stack:
         )
 
     def onboard(self, partner_id: str, **kwargs: object) -> Credentials:
-        async def go() -> Credentials:
-            db = Database(settings_for(self.database_url))
-            try:
-                return await onboard(db, partner_id, **kwargs)  # type: ignore[arg-type]
-            finally:
-                await db.dispose()
+        return onboard_at(self.database_url, partner_id, **kwargs)
 
-        return run(go())  # type: ignore[no-any-return]
+    def sql(self, statement: str | Executable, **params: Any) -> list[Row[Any]]:
+        """One statement on the stack's database (either engine), committed."""
+        return sql(self.database_url, statement, **params)
 
     def history(self, customer_id: str) -> list[tuple[str | None, str | None, str, str]]:
-        with sqlite3.connect(self.db_path) as conn:
-            return conn.execute(
-                "SELECT h.previous_status, h.new_status, h.source, h.request_id"
-                " FROM disposition_history h JOIN customers c ON c.id = h.customer_pk"
-                " WHERE c.customer_id = ? ORDER BY h.id",
-                (customer_id,),
-            ).fetchall()
+        rows = self.sql(
+            "SELECT h.previous_status, h.new_status, h.source, h.request_id"
+            " FROM disposition_history h JOIN customers c ON c.id = h.customer_pk"
+            " WHERE c.customer_id = :customer_id ORDER BY h.id",
+            customer_id=customer_id,
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-def start_stack(tmp: Path) -> Iterator[Stack]:
-    db_path = tmp / "disposition.db"
-    url = f"sqlite+aiosqlite:///{db_path}"
+def start_stack(tmp: Path, database_url: str | None = None) -> Iterator[Stack]:
+    """The stack on `database_url` (at head already on PostgreSQL), else a new SQLite file."""
+    url = database_url or f"sqlite+aiosqlite:///{tmp / 'disposition.db'}"
+    path = settings_for(url).sqlite_path()
     server = ServerProcess(url, tmp / "server.log")
     server.start()
     try:
         with run_envoy(grpc_port=server.port, log_path=tmp / "envoy.log") as envoy:
-            stack = Stack(url, db_path, server, envoy, Credentials("", "", ""))
+            stack = Stack(url, path, server, envoy, Credentials("", "", ""))
             stack.partner = stack.onboard("123")
             reply = stack.ingest(stack.partner, batch_item("call-1", "customer123"))
             assert reply.status == 200, reply.body

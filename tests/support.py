@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Executable, Row, text
+from sqlalchemy.engine import make_url
+
 from gateway.processes import stop_process
 from server.db import Database
 from server.domain import partners
+from server.models import Base
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +83,19 @@ async def onboard(
         )
     tenant, sub = grants[0] if grants else ("tenant1", "subtenant1")
     return Credentials(partner_id, issued.api_key, issued.api_secret, tenant, sub)
+
+
+def onboard_at(database_url: str, partner_id: str, **kwargs: Any) -> Credentials:
+    """`onboard` from synchronous code, on its own connection to `database_url`."""
+
+    async def go() -> Credentials:
+        db = Database(settings_for(database_url))
+        try:
+            return await onboard(db, partner_id, **kwargs)
+        finally:
+            await db.dispose()
+
+    return run(go())  # type: ignore[no-any-return]
 
 
 def batch_item(
@@ -164,3 +183,91 @@ def free_port() -> int:
 def run(coro: Any) -> Any:
     """Run a coroutine from synchronous test code (its own event loop)."""
     return asyncio.run(coro)
+
+
+def run_in_thread(coro: Any) -> Any:
+    """Run a coroutine to completion on its own loop in a thread (callable from async code too)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def sql(database_url: str, statement: str | Executable, **params: Any) -> list[Row[Any]]:
+    """Run one statement on either engine, committed; the rows it returns (if any).
+
+    A string is SQL text with `:name` parameters, portable between SQLite and PostgreSQL.
+    """
+
+    async def go() -> list[Row[Any]]:
+        db = Database(settings_for(database_url))
+        try:
+            async with db.write() as conn:
+                stmt = text(statement) if isinstance(statement, str) else statement
+                result = await conn.execute(stmt, params)
+                return list(result.all()) if result.returns_rows else []
+        finally:
+            await db.dispose()
+
+    return run_in_thread(go())  # type: ignore[no-any-return]
+
+
+class PostgresSchemas:
+    """This test run's schemas in TEST_POSTGRES_URL's database: `t_<pid>_<random>_<n>`.
+
+    Each is created and migrated by Database.create_schema (DATABASE_URL's `?search_path=`)
+    and dropped by drop_all() at the end of the run; nothing else in the database is touched.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.prefix = f"t_{os.getpid()}_{secrets.token_hex(3)}"
+        self.created: list[str] = []
+
+    def url(self, schema: str) -> str:
+        url = make_url(self.base_url).update_query_dict({"search_path": schema})
+        return url.render_as_string(hide_password=False)
+
+    def new(self) -> str:
+        """The URL of a new schema, migrated to head."""
+        schema = f"{self.prefix}_{len(self.created)}"
+        self.created.append(schema)
+        url = self.url(schema)
+
+        async def migrate() -> None:
+            db = Database(settings_for(url))
+            try:
+                await db.create_schema()
+            finally:
+                await db.dispose()
+
+        run_in_thread(migrate())
+        return url
+
+    def empty(self, url: str) -> str:
+        """Delete every row of a schema made by new(), restarting its id sequences."""
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        sql(url, f"TRUNCATE {tables} RESTART IDENTITY")
+        return url
+
+    def drop_all(self) -> None:
+        async def drop() -> None:
+            db = Database(settings_for(self.base_url))
+            try:
+                async with db.write() as conn:
+                    for schema in self.created:
+                        await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await db.dispose()
+
+        run_in_thread(drop())

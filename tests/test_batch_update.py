@@ -4,7 +4,6 @@ file, REST through real Envoy and a real server process."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -250,8 +249,8 @@ async def test_a_tenant_not_granted_is_forbidden(
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("batch-update-stack"))
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("batch-update-stack"), stack_database_url)
 
 
 def post(stack: Stack, body: object, creds: Credentials | None = None, **headers: str) -> Any:
@@ -364,10 +363,9 @@ def test_rest_tenant_not_granted(stack: Stack) -> None:
     assert_rest_reply(
         post(stack, body, x_tenant_id="tenant2"), 403, b'{"success":false,"message":"Forbidden"}'
     )
-    with sqlite3.connect(stack.db_path) as conn:
-        assert conn.execute(
-            "SELECT count(*) FROM disposition_history WHERE new_status = 'hijacked'"
-        ).fetchone() == (0,)
+    assert stack.sql("SELECT count(*) FROM disposition_history WHERE new_status = 'hijacked'") == [
+        (0,)
+    ]
 
 
 @pytest.mark.envoy

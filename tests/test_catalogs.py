@@ -5,7 +5,6 @@ real server process; the CLI as real processes."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -525,8 +524,8 @@ def test_admin_catalog_needs_a_real_tenant(database_url: str, tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("catalog-stack"))
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("catalog-stack"), stack_database_url)
 
 
 @pytest.mark.envoy
@@ -615,8 +614,7 @@ def test_rest_catalog_on_every_write_path(stack: Stack, tmp_path: Path) -> None:
         ("interested", None, "disposition_update"),
         (None, "do_not_call", "batch_update"),
     ]
-    with sqlite3.connect(stack.db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM calls WHERE call_id = 'rc-2'").fetchone() == (0,)
+    assert stack.sql("SELECT count(*) FROM calls WHERE call_id = 'rc-2'") == [(0,)]
     cleared = admin(stack.database_url, "catalog", "clear", "--tenant", "cat-tenant")
     assert cleared.returncode == 0, cleared.stderr
     assert_rest_reply(

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +24,6 @@ from server.domain import idempotency
 from server.domain import ingestion as domain
 from server.errors import InvalidIdempotencyKey
 from server.models import (
-    Base,
     Call,
     Customer,
     DispositionHistory,
@@ -403,17 +400,9 @@ async def test_concurrent_requests_replay_from_the_write_transaction(
 
 
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """TEST_POSTGRES_URL (postgresql+asyncpg://…), emptied: every table is dropped first."""
-    url = os.environ.get("TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("TEST_POSTGRES_URL is not set")
-    database = Database(settings_for(url))
-    async with database.write() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-    await database.create_schema()
-    await database.dispose()
-    yield url
+def pg_url(postgres_url: str) -> str:
+    """This run's PostgreSQL schema, emptied (skips without TEST_POSTGRES_URL)."""
+    return postgres_url
 
 
 @pytest.mark.postgres
@@ -522,16 +511,15 @@ def test_parse_key_accepts() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("idempotency"))
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("idempotency"), stack_database_url)
 
 
 def rows(stack: Stack) -> dict[str, int]:
-    with sqlite3.connect(stack.db_path) as conn:
-        return {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("calls", "customers", "disposition_history", "idempotency_keys")
-        }
+    return {
+        table: stack.sql(f"SELECT count(*) FROM {table}")[0][0]
+        for table in ("calls", "customers", "disposition_history", "idempotency_keys")
+    }
 
 
 def fresh(stack: Stack) -> tuple[Credentials, str]:
@@ -612,9 +600,9 @@ def test_rest_expired_key_is_treated_as_new(stack: Stack) -> None:
     creds, key = fresh(stack)
     first = stack.request("POST", BATCH, body("e1"), creds, idempotency_key=key)
     assert json.loads(first.body)["data"]["created_calls"] == 1
-    old = (datetime.now(UTC) - timedelta(hours=25)).strftime("%Y-%m-%d %H:%M:%S.%f")
-    with sqlite3.connect(stack.db_path) as conn:
-        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE key = ?", (old, key))
+    old = datetime.now(UTC) - timedelta(hours=25)
+    K = IdempotencyRecord
+    stack.sql(update(K).where(K.key == key).values(created_at=old))
     again = stack.request("POST", BATCH, body("e1"), creds, idempotency_key=key)
     assert again.status == 200 and again.header(REPLAYED) is None
     assert json.loads(again.body)["data"]["duplicate_calls"] == 1

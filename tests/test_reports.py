@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -542,8 +541,8 @@ SUMMARY_PATH = "/api/v1/partner/reports/disposition-summary"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("reports"))
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("reports"), stack_database_url)
 
 
 def rest_json(reply: Reply) -> Any:
@@ -566,36 +565,43 @@ def rfc3339(value: str) -> datetime:
 
 def db_changes(stack: Stack, customer_id: str, tenant: tuple[str, str]) -> list[dict[str, Any]]:
     """A customer's history rows as the API should print them (changed_at parsed), newest first."""
-    with sqlite3.connect(stack.db_path) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute(
-            "SELECT h.seq AS cursor, c.customer_id, coalesce(h.previous_status, '')"
-            " AS previous_status, coalesce(h.new_status, '') AS disposition_status,"
-            " h.changed_at, h.source, p.partner_id, h.request_id, h.tenant_id, h.sub_tenant_id"
-            " FROM disposition_history h"
-            " JOIN customers c ON c.id = h.customer_pk JOIN partners p ON p.id = h.partner_pk"
-            " WHERE c.customer_id = ? AND c.tenant_id = ? AND c.sub_tenant_id = ?"
-            " ORDER BY h.id DESC",
-            (customer_id, *tenant),
-        ).fetchall()
+    rows = stack.sql(
+        "SELECT h.seq AS cursor, c.customer_id, coalesce(h.previous_status, '')"
+        " AS previous_status, coalesce(h.new_status, '') AS disposition_status,"
+        " h.changed_at, h.source, p.partner_id, h.request_id, h.tenant_id, h.sub_tenant_id"
+        " FROM disposition_history h"
+        " JOIN customers c ON c.id = h.customer_pk JOIN partners p ON p.id = h.partner_pk"
+        " WHERE c.customer_id = :customer_id AND c.tenant_id = :tenant_id"
+        " AND c.sub_tenant_id = :sub_tenant_id"
+        " ORDER BY h.id DESC",
+        customer_id=customer_id,
+        tenant_id=tenant[0],
+        sub_tenant_id=tenant[1],
+    )
     return [
         {
-            **dict(row),
-            "cursor": str(row["cursor"]),  # int64 prints as a JSON string
-            "changed_at": datetime.fromisoformat(row["changed_at"]).replace(tzinfo=UTC),
+            **row._asdict(),
+            "cursor": str(row.cursor),  # int64 prints as a JSON string
+            "changed_at": stored_time(row.changed_at),
         }
         for row in rows
     ]
 
 
+def stored_time(value: str | datetime) -> datetime:
+    """A time as read with plain SQL: SQLite gives its text (UTC), PostgreSQL an aware datetime."""
+    return as_utc(datetime.fromisoformat(value) if isinstance(value, str) else value)
+
+
 def db_created_at(stack: Stack, customer_id: str, tenant: tuple[str, str]) -> datetime:
-    with sqlite3.connect(stack.db_path) as conn:
-        (value,) = conn.execute(
-            "SELECT created_at FROM customers"
-            " WHERE customer_id = ? AND tenant_id = ? AND sub_tenant_id = ?",
-            (customer_id, *tenant),
-        ).fetchone()
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    [(value,)] = stack.sql(
+        "SELECT created_at FROM customers WHERE customer_id = :customer_id"
+        " AND tenant_id = :tenant_id AND sub_tenant_id = :sub_tenant_id",
+        customer_id=customer_id,
+        tenant_id=tenant[0],
+        sub_tenant_id=tenant[1],
+    )
+    return stored_time(value)
 
 
 def parse_times(data: dict[str, Any], *fields: str) -> dict[str, Any]:

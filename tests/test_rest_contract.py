@@ -26,8 +26,8 @@ MAX_BODY = 5_242_880
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("stack"))
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Stack]:
+    yield from start_stack(tmp_path_factory.mktemp("stack"), stack_database_url)
 
 
 # --- every documented response -------------------------------------------------------------

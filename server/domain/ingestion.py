@@ -17,6 +17,7 @@ from server.storage.customers import StatusChange
 MAX_BATCH = 1000
 SOURCE_BATCH_CALL = "batch_call"
 METHOD = "disposition.v1.CallIngestionService/IngestBatchCalls"  # for idempotency keys
+_ATTEMPTS = 3  # a batch racing another one for the same call ids starts over (PostgreSQL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,30 @@ async def ingest_batch(
             validate_batch(items, catalog)
         raise
     now = datetime.now(UTC)
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return await _store(db, items, times, request, now)
+        except _CallsRaced:
+            if attempt == _ATTEMPTS:
+                raise RuntimeError(f"batch-call: call ids raced {_ATTEMPTS} times") from None
+    raise AssertionError("unreachable")
+
+
+class _CallsRaced(Exception):
+    """Calls this transaction meant to create were committed meanwhile by another one."""
+
+
+async def _store(
+    db: Database,
+    items: Sequence[BatchItem],
+    times: list[tuple[datetime, datetime]],
+    request: idempotency.IdempotentRequest | None,
+    now: datetime,
+) -> idempotency.Result[BatchOutcome]:
+    """The write transaction of ingest_batch (raises _CallsRaced to be run again)."""
+    ctx = context.get()
+    assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
+    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
     async with db.write() as conn:
         if (replayed := await idempotency.claim(conn, request, BatchOutcome.from_json)) is not None:
             return replayed
@@ -205,21 +230,29 @@ async def ingest_batch(
             name, email = profiles.get(item.customer.id, (None, None))
             profiles[item.customer.id] = (item.customer.name or name, item.customer.email or email)
         missing = [(cid, *profile) for cid, profile in profiles.items() if cid not in known]
+        created = await customers.insert_customers(conn, customers=missing, now=now, **scope)
+        if raced := [cid for cid, _, _ in missing if cid not in created]:
+            # Created by a concurrent batch that has committed since: lock and use them.
+            known.update(await customers.lock_customers(conn, customer_ids=raced, **scope))
         keys = {cid: state.pk for cid, state in known.items()}
-        keys.update(await customers.insert_customers(conn, customers=missing, now=now, **scope))
+        keys.update(created)
         for cid, (name, email) in profiles.items():
             if cid in known and (name or email):
                 await customers.update_profile(
                     conn, customer_pk=keys[cid], name=name, email=email, now=now
                 )
         changes = _status_changes(fresh, keys, known)
-        await calls.insert_calls(
+        inserted = await calls.insert_calls(
             conn,
             rows=[
                 _call_row(item, keys, times[index], ctx.partner_pk, ctx.request_id, now, scope)
                 for index, item in fresh
             ],
         )
+        if len(inserted) < len(fresh):
+            # A concurrent batch of this partner stored some of these calls and has committed
+            # since existing_call_ids: roll back and start over, they are duplicates now.
+            raise _CallsRaced
         await customers.apply_status_changes(
             conn,
             changes=changes,
@@ -229,7 +262,7 @@ async def ingest_batch(
             now=now,
             **scope,
         )
-        outcome = _outcome(items, duplicates, {cid for cid, _, _ in missing})
+        outcome = _outcome(items, duplicates, set(created))
         await idempotency.record(conn, request, outcome)
     return idempotency.Result(outcome)
 

@@ -4,6 +4,14 @@ The unit of work (`Database.write()` / `Database.read()`) is owned by the caller
 """
 
 from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+
+
+def dialect_insert(dialect: str) -> Any:
+    """The engine's INSERT construct, with ON CONFLICT (same syntax on SQLite and PostgreSQL)."""
+    return sqlite.insert if dialect == "sqlite" else postgresql.insert
 
 
 def as_utc(value: datetime) -> datetime:

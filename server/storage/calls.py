@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Call
+from server.storage import dialect_insert
 
 
 async def existing_call_ids(
@@ -27,7 +28,20 @@ async def existing_call_ids(
     return found
 
 
-async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert calls; each dict has the columns of `calls` (metadata under `metadata`)."""
-    if rows:
-        await conn.execute(insert(Call), list(rows))
+async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert calls; each dict has the columns of `calls` (metadata under `metadata`).
+
+    Returns the call ids inserted here. An id the partner has by now is skipped (ON CONFLICT
+    DO NOTHING): on PostgreSQL a concurrent transaction may have stored it since
+    existing_call_ids; this insert waits for that one to end. Rows go in id order so that
+    two transactions inserting the same ids wait for each other instead of deadlocking.
+    """
+    if not rows:
+        return set()
+    stmt = (
+        dialect_insert(conn.dialect.name)(Call)
+        .on_conflict_do_nothing(index_elements=[Call.partner_pk, Call.call_id])
+        .returning(Call.call_id)
+    )
+    result = await conn.execute(stmt, sorted(rows, key=lambda row: str(row["call_id"])))
+    return set(result.scalars())

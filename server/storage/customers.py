@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
-from server.storage import as_utc, history
+from server.storage import as_utc, dialect_insert, history
 
 # Hot-path statements are built once; only their parameters change per request.
 _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
@@ -92,11 +92,25 @@ async def insert_customers(
     customers: Sequence[tuple[str, str | None, str | None]],
     now: datetime,
 ) -> dict[str, int]:
-    """Insert (customer_id, name, email) rows without a status; returns their primary keys."""
+    """Insert (customer_id, name, email) rows without a status; returns the primary keys of
+    the rows inserted here.
+
+    An id that exists by now is skipped (ON CONFLICT DO NOTHING): on PostgreSQL a concurrent
+    transaction may have created it since lock_customers; this insert waits for that one to
+    end, and the caller locks what it skipped. Rows go in id order so that two transactions
+    inserting the same ids wait for each other instead of deadlocking.
+    """
     if not customers:
         return {}
-    await conn.execute(
-        insert(Customer),
+    stmt = (
+        dialect_insert(conn.dialect.name)(Customer)
+        .on_conflict_do_nothing(
+            index_elements=[Customer.tenant_id, Customer.sub_tenant_id, Customer.customer_id]
+        )
+        .returning(Customer.customer_id, Customer.id)
+    )
+    rows = await conn.execute(
+        stmt,
         [
             {
                 "tenant_id": tenant_id,
@@ -108,20 +122,10 @@ async def insert_customers(
                 "created_at": now,
                 "updated_at": now,
             }
-            for customer_id, name, email in customers
+            for customer_id, name, email in sorted(customers)
         ],
     )
-    ids = [customer_id for customer_id, _, _ in customers]
-    keys: dict[str, int] = {}
-    for start in range(0, len(ids), 500):
-        rows = await conn.execute(
-            select(Customer.customer_id, Customer.id).where(
-                tuple_(Customer.tenant_id, Customer.sub_tenant_id) == (tenant_id, sub_tenant_id),
-                Customer.customer_id.in_(ids[start : start + 500]),
-            )
-        )
-        keys.update({customer_id: pk for customer_id, pk in rows})
-    return keys
+    return {customer_id: pk for customer_id, pk in rows}
 
 
 async def update_profile(

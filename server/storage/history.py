@@ -8,16 +8,16 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, Select, bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory, FeedSequence, Partner
-from server.storage import as_utc
+from server.storage import as_utc, dialect_insert
 
 
 def _advance(dialect: str) -> object:
-    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-    stmt = insert(FeedSequence).values(tenant_id=bindparam("tenant_id"), last_seq=bindparam("n"))
+    stmt = dialect_insert(dialect)(FeedSequence).values(
+        tenant_id=bindparam("tenant_id"), last_seq=bindparam("n")
+    )
     return stmt.on_conflict_do_update(
         index_elements=[FeedSequence.tenant_id],
         set_={"last_seq": FeedSequence.last_seq + bindparam("n")},

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import IdempotencyRecord
-from server.storage import as_utc
+from server.storage import as_utc, dialect_insert
 
 PENDING = ""  # the response of a key claimed by a transaction that has not stored its reply yet
 
@@ -22,9 +21,8 @@ _FIND_FOR_UPDATE = _FIND.with_for_update()
 
 
 def _claim(dialect: str) -> object:
-    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
     return (
-        insert(_K)
+        dialect_insert(dialect)(_K)
         .values(
             partner_pk=bindparam("partner_pk"),
             key=bindparam("key"),
