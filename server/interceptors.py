@@ -7,6 +7,7 @@ and handlers raise domain errors; both surface in `_translate_errors`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -25,6 +26,7 @@ from server.db import Database
 from server.domain import access
 from server.domain.ratelimit import RateLimiter
 from server.errors import MalformedRequest, RateLimited, ServiceError
+from server.metrics import Metrics
 
 log = logging.getLogger("disposition.rpc")
 
@@ -57,6 +59,9 @@ def _is_exempt(details: grpc.HandlerCallDetails) -> bool:
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Names every RPC (`x-request-id`, accepted or generated), logs it and maps its errors."""
 
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
@@ -74,13 +79,13 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _translate_errors(cast(Behavior, handler.unary_unary)),
+                _translate_errors(cast(Behavior, handler.unary_unary), self.metrics),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _translate_stream_errors(cast(StreamBehavior, handler.unary_stream)),
+                _translate_stream_errors(cast(StreamBehavior, handler.unary_stream), self.metrics),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -105,23 +110,26 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _translate_errors(behavior: Behavior) -> Behavior:
+def _translate_errors(behavior: Behavior, metrics: Metrics | None) -> Behavior:
     async def wrapper(request: Any, rpc: Rpc) -> Any:
         ctx = context.get()
         try:
             if isinstance(request, _Undecodable):
                 raise MalformedRequest()
             response = await behavior(request, rpc)
+        except asyncio.CancelledError:
+            _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
+            raise
         except Exception as exc:
-            await _fail(ctx, rpc, exc)
-        _log_rpc(ctx, "OK")
+            await _fail(ctx, rpc, exc, metrics)
+        _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
         rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
         return response
 
     return wrapper
 
 
-def _translate_stream_errors(behavior: StreamBehavior) -> StreamBehavior:
+def _translate_stream_errors(behavior: StreamBehavior, metrics: Metrics | None) -> StreamBehavior:
     async def wrapper(request: Any, rpc: Rpc) -> AsyncIterator[Any]:
         ctx = context.get()
         try:
@@ -129,24 +137,28 @@ def _translate_stream_errors(behavior: StreamBehavior) -> StreamBehavior:
                 raise MalformedRequest()
             async for response in behavior(request, rpc):
                 yield response
+        except asyncio.CancelledError:  # the client went away (a watcher disconnecting)
+            _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
+            raise
         except Exception as exc:
-            await _fail(ctx, rpc, exc)
-        _log_rpc(ctx, "OK")
+            await _fail(ctx, rpc, exc, metrics)
+        _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
         rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
 
     return wrapper
 
 
-async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception) -> NoReturn:
+async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics | None) -> NoReturn:
     """End the RPC with the status of a ServiceError; anything else is logged and INTERNAL."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     error = exc if isinstance(exc, ServiceError) else ServiceError()
     if error is not exc:
         log.exception("unhandled error", extra={"request_id": ctx.request_id})
-    _log_rpc(ctx, type(error).__name__)
+    code = _STATUS_CODES[error.code]
+    _log_rpc(ctx, type(error).__name__, code, metrics)
     await rpc.abort(
-        _STATUS_CODES[error.code],
+        code,
         error.message,
         trailing_metadata=(
             ("x-request-id", ctx.request_id),
@@ -155,8 +167,13 @@ async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception) -> NoReturn:
     )
 
 
-def _log_rpc(ctx: RequestContext, outcome: str) -> None:
-    """One line per RPC; the duration counts from the first interceptor."""
+def _log_rpc(
+    ctx: RequestContext, outcome: str, code: grpc.StatusCode, metrics: Metrics | None
+) -> None:
+    """One line and one metrics sample per RPC; the duration counts from the first interceptor."""
+    seconds = time.perf_counter() - ctx.started
+    if metrics is not None:
+        metrics.observe_rpc(ctx.method, code.name, seconds)
     if log.isEnabledFor(logging.INFO):
         log.info(
             "rpc",
@@ -167,7 +184,8 @@ def _log_rpc(ctx: RequestContext, outcome: str) -> None:
                 "tenant_id": ctx.tenant_id,
                 "sub_tenant_id": ctx.sub_tenant_id,
                 "outcome": outcome,
-                "duration_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+                "code": code.name,
+                "duration_ms": round(seconds * 1000, 3),
             },
         )
 
@@ -256,13 +274,18 @@ class TenantInterceptor(_Gate):
 class RateLimitInterceptor(_Gate):
     """Per partner: its own limit if set, else the default, per 60-second window."""
 
-    def __init__(self, limiter: RateLimiter, default_per_minute: int) -> None:
+    def __init__(
+        self, limiter: RateLimiter, default_per_minute: int, metrics: Metrics | None = None
+    ) -> None:
         self.limiter = limiter
         self.default_per_minute = default_per_minute
+        self.metrics = metrics
 
     async def check(self, ctx: RequestContext) -> None:
         assert ctx.partner_id is not None
         limit = ctx.rate_limit_per_minute or self.default_per_minute
         retry_after = await self.limiter.hit(ctx.partner_id, limit)
         if retry_after is not None:
+            if self.metrics is not None:
+                self.metrics.rate_limited.labels(ctx.partner_id).inc()
             raise RateLimited(retry_after)

@@ -42,7 +42,16 @@ def configure_logging(level: str) -> None:
 async def serve(settings: Settings) -> None:
     app = App(settings, Database(settings))
     port = await app.start()
-    log.info("serving", extra={"port": port, "database": _redacted(settings.database_url)})
+    log.info(
+        "serving",
+        extra={
+            "port": port,
+            "database": _redacted(settings.database_url),
+            "rate_limits": "in-process" if settings.redis_url is None else "redis",
+            "redis": None if settings.redis_url is None else _redacted(settings.redis_url),
+            "metrics_port": app.metrics_port,
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -46,12 +46,18 @@ class FeedHub:
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self._watchers: Counter[str] = Counter()
+        self._connected = 0  # sum of _watchers, readable from another thread (metrics)
         self._last: dict[str, int] = {}
         self._moved = asyncio.Condition()
         self._commit = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
         db.on_commit(self._commit.set)
+
+    @property
+    def watcher_count(self) -> int:
+        """Watch streams currently connected to this process (all tenants)."""
+        return self._connected
 
     async def close(self) -> None:
         """End every watch (with UNAVAILABLE, so clients reconnect) and stop polling."""
@@ -73,6 +79,7 @@ class FeedHub:
         assert tenant_id is not None and sub_tenant_id is not None
         only = None if sub_tenant_id == ALL_SUB_TENANTS else sub_tenant_id
         self._watchers[tenant_id] += 1
+        self._connected += 1
         try:
             known = await self._refresh(tenant_id)
             scanned = known if start_at_latest else after_cursor
@@ -94,6 +101,7 @@ class FeedHub:
                     yield FeedBatch([], scanned)
                 known = self._last.get(tenant_id, 0)
         finally:
+            self._connected -= 1
             self._watchers[tenant_id] -= 1
             if self._watchers[tenant_id] <= 0:
                 del self._watchers[tenant_id]
