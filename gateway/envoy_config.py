@@ -3,9 +3,11 @@
 The repository's envoy.yaml is the template: it is a valid, deployable config with the default
 ports (HTTP 8080, gRPC upstream 127.0.0.1:50051, admin 9901) and paths relative to the repository
 root. `render` swaps those few values by exact text substitution, so the rendered file differs from
-envoy.yaml in nothing else.
+envoy.yaml in nothing else. Several gRPC ports (server replicas) repeat the cluster's one endpoint
+entry, once per port, in the order given.
 
     python -m gateway.envoy_config --http-port 18080 --grpc-port 50052 --out build/envoy.yaml
+    python -m gateway.envoy_config --grpc-port 50051 50052 50053 --out build/envoy-cluster.yaml
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,21 +26,33 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_ADMIN_PORT = 9901
 DEFAULT_DESCRIPTOR = REPO_ROOT / "build" / "disposition.pb"
+# The upstream cluster's one endpoint in envoy.yaml; rendered once per gRPC port.
+ENDPOINT = """\
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: %d }
+"""
 
 
 def render(
     *,
     http_port: int = DEFAULT_HTTP_PORT,
-    grpc_port: int = DEFAULT_GRPC_PORT,
+    grpc_port: int | Sequence[int] = DEFAULT_GRPC_PORT,
     admin_port: int = DEFAULT_ADMIN_PORT,
     descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
     out_path: str | os.PathLike[str],
 ) -> Path:
-    """Write envoy.yaml with the given ports and absolute file paths to `out_path`; return it."""
+    """Write envoy.yaml with the given ports and absolute file paths to `out_path`; return it.
+
+    `grpc_port` is one upstream port or several (one endpoint each, e.g. server replicas).
+    """
+    grpc_ports = [grpc_port] if isinstance(grpc_port, int) else list(grpc_port)
+    if not grpc_ports:
+        raise ValueError("at least one gRPC upstream port is needed")
     text = TEMPLATE.read_text()
     substitutions = {
         f"port_value: {DEFAULT_HTTP_PORT} ": f"port_value: {http_port} ",
-        f"port_value: {DEFAULT_GRPC_PORT} ": f"port_value: {grpc_port} ",
+        ENDPOINT % DEFAULT_GRPC_PORT: "".join(ENDPOINT % port for port in grpc_ports),
         f"port_value: {DEFAULT_ADMIN_PORT} ": f"port_value: {admin_port} ",
         "proto_descriptor: build/disposition.pb": (
             f"proto_descriptor: {Path(descriptor_path).resolve()}"
@@ -62,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         "--http-port", type=int, default=int(os.environ.get("HTTP_PORT", DEFAULT_HTTP_PORT))
     )
     parser.add_argument(
-        "--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", DEFAULT_GRPC_PORT))
+        "--grpc-port",
+        type=int,
+        nargs="+",
+        default=[int(os.environ.get("GRPC_PORT", DEFAULT_GRPC_PORT))],
+        help="one or more upstream gRPC ports (server replicas)",
     )
     parser.add_argument(
         "--admin-port",

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +27,7 @@ from gateway.envoy_config import DEFAULT_DESCRIPTOR, render
 from gateway.processes import die_with_parent, stop_process
 
 LISTENER_NAME = "public_http"
+CLUSTER_NAME = "disposition_grpc"
 
 
 class EnvoyPorts(NamedTuple):
@@ -75,14 +76,17 @@ def _log_tail(log_path: Path, lines: int = 30) -> str:
 @contextmanager
 def run_envoy(
     *,
-    grpc_port: int,
+    grpc_port: int | Sequence[int],
     http_port: int = 0,
     admin_port: int = 0,
     descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
     log_path: str | os.PathLike[str] | None = None,
     startup_timeout: float = 20.0,
 ) -> Iterator[EnvoyPorts]:
-    """Render the config, start Envoy, wait for /ready, yield its ports; always stop it."""
+    """Render the config, start Envoy, wait for /ready, yield its ports; always stop it.
+
+    `grpc_port` may list several upstream ports: one cluster endpoint (server replica) each.
+    """
     with tempfile.TemporaryDirectory(prefix="envoy-") as tmp:
         workdir = Path(tmp)
         config = render(
@@ -135,3 +139,20 @@ def _wait_ready(
                     return EnvoyPorts(http_port=_listener_port(admin_port), admin_port=admin_port)
         time.sleep(0.05)
     raise EnvoyStartError(f"envoy not ready after {timeout}s:\n{_log_tail(log)}")
+
+
+def upstream_health(admin_port: int) -> dict[int, bool]:
+    """Envoy's view of each upstream endpoint, by port: True while it may receive requests
+    (False once an active health check failed or outlier detection ejected it)."""
+    _, body = _admin_get(admin_port, "/clusters?format=json")
+    health: dict[int, bool] = {}
+    for cluster in json.loads(body)["cluster_statuses"]:
+        if cluster["name"] != CLUSTER_NAME:
+            continue
+        for host in cluster.get("host_statuses", []):
+            port = int(host["address"]["socket_address"]["port_value"])
+            flags = host.get("health_status", {})
+            health[port] = flags.get("eds_health_status") in (None, "HEALTHY") and not any(
+                flags.get(flag) for flag in ("failed_active_health_check", "failed_outlier_check")
+            )
+    return health

@@ -4,6 +4,7 @@ Starts the gRPC server and Envoy, onboards the demo partner (once; its secret is
 kept in var/demo-partner.json, mode 0600, so re-runs reuse it), ingests the demo
 customer through the batch-call REST API (idempotent), prints ready-to-paste
 curl and grpcurl lines, and on Ctrl-C or SIGTERM drains Envoy, then the server.
+`serve()` runs any number of server replicas behind the one Envoy (`make run-cluster`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from gateway.envoy_process import run_envoy
-from gateway.processes import die_with_parent, stop_process
+from gateway.processes import die_with_parent, stop_processes
 from server.db import Database, SchemaOutdated
 from server.domain import partners
 from server.settings import Settings
@@ -32,13 +34,16 @@ CREDENTIALS_FILE = Path("var/demo-partner.json")
 BIN = Path(sys.executable).parent
 
 
-async def demo_credentials(settings: Settings) -> dict[str, str]:
-    """The demo partner's key and secret: created on first run, reused after."""
+async def demo_credentials(
+    settings: Settings, credentials_file: Path = CREDENTIALS_FILE
+) -> dict[str, str]:
+    """Migrate the database (once, before any server starts); the demo partner's key and
+    secret: created on the first run, reused after (kept in `credentials_file`)."""
     db = Database(settings)
     try:
         await db.create_schema()
         known = [p.partner_id for p, _ in await partners.describe(db)]
-        saved = json.loads(CREDENTIALS_FILE.read_text()) if CREDENTIALS_FILE.exists() else None
+        saved = json.loads(credentials_file.read_text()) if credentials_file.exists() else None
         if DEMO_PARTNER not in known:
             issued = await partners.create_partner(db, partner_id=DEMO_PARTNER, name="Demo Partner")
         elif saved is None or saved.get("partner_id") != DEMO_PARTNER:
@@ -56,8 +61,8 @@ async def demo_credentials(settings: Settings) -> dict[str, str]:
             "api_key": issued.api_key,
             "api_secret": issued.api_secret,
         }
-        CREDENTIALS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        credentials_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(saved, out, indent=2)
     assert saved is not None
@@ -121,7 +126,9 @@ def wait_serving(process: subprocess.Popen[bytes], port: int, timeout: float = 3
     raise TimeoutError(f"disposition-server not serving on port {port} after {timeout} s")
 
 
-def _banner(http_port: int, grpc_port: int, creds: dict[str, str]) -> str:
+def _banner(
+    http_port: int, grpc_target: str, creds: dict[str, str], topology: str, credentials_file: Path
+) -> str:
     headers = " ".join(f"-H '{k}: {v}'" for k, v in _headers(creds).items())
     update = "/api/v1/partner/ingest/disposition-status"
     body = f'{{"customer_id": "{DEMO_CUSTOMER}", "disposition_status": "interested"}}'
@@ -132,32 +139,56 @@ def _banner(http_port: int, grpc_port: int, creds: dict[str, str]) -> str:
     return f"""
 Disposition service is up (Ctrl-C stops it).
   REST (Envoy):  http://127.0.0.1:{http_port}
-  gRPC (direct): 127.0.0.1:{grpc_port}  (reflection on)
+{topology}
   Demo partner {DEMO_PARTNER}, tenant {DEMO_TENANT}/{DEMO_SUB_TENANT}, customer {DEMO_CUSTOMER}
-  Credentials: {CREDENTIALS_FILE} (created on the first run, mode 0600)
+  Credentials: {credentials_file} (created on the first run, mode 0600)
 
 Try it:
 curl -sS -X PUT http://127.0.0.1:{http_port}{update} -H 'Content-Type: application/json' \
 -H 'x-partner-id: {DEMO_PARTNER}' {headers} -d '{body}'
 
-.venv/bin/grpcurl -plaintext {headers} -d '{grpc_body}' 127.0.0.1:{grpc_port} {method}
+.venv/bin/grpcurl -plaintext {headers} -d '{grpc_body}' {grpc_target} {method}
 
 The customer's history, newest first:
 curl -sS http://127.0.0.1:{http_port}{history} {headers}
 
 Every change as it commits (a gRPC stream; Ctrl-C ends it):
-.venv/bin/grpcurl -plaintext {headers} -d '{{}}' 127.0.0.1:{grpc_port} {watch}
+.venv/bin/grpcurl -plaintext {headers} -d '{{}}' {grpc_target} {watch}
 """
 
 
 def main() -> int:
     settings = Settings.from_env()
-    http_port = int(os.environ.get("HTTP_PORT", "8080"))
-    admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
     try:
         creds = asyncio.run(demo_credentials(settings))
     except SchemaOutdated as exc:
         raise SystemExit(f"make run: {exc} (a local demo database can simply be deleted)") from None
+    grpc_target = f"127.0.0.1:{settings.grpc_port}"
+    return serve(
+        settings,
+        replicas=[{}],
+        creds=creds,
+        grpc_target=grpc_target,
+        topology=f"  gRPC (direct): {grpc_target}  (reflection on)",
+    )
+
+
+def serve(
+    settings: Settings,
+    *,
+    replicas: Sequence[Mapping[str, str]],
+    creds: dict[str, str],
+    grpc_target: str,
+    topology: str,
+    credentials_file: Path = CREDENTIALS_FILE,
+    command: str = "make run",
+) -> int:
+    """Start one `disposition-server` per entry of `replicas` (extra environment; GRPC_PORT
+    defaults to settings.grpc_port), then Envoy in front of them all; seed the demo customer,
+    print the banner and serve until Ctrl-C/SIGTERM or until every server has exited. Stops
+    in order: Envoy's listeners drain, then every server drains its in-flight RPCs at once."""
+    http_port = int(os.environ.get("HTTP_PORT", "8080"))
+    admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
     stop = {"signal": 0}
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -165,29 +196,50 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    server = subprocess.Popen(
-        [str(BIN / "disposition-server")],
-        env=os.environ.copy(),
-        start_new_session=True,  # Ctrl-C reaches this launcher, which stops children in order
-        preexec_fn=die_with_parent,
-    )
+    envs = [{**os.environ, "GRPC_PORT": str(settings.grpc_port), **extra} for extra in replicas]
+    ports = [int(env["GRPC_PORT"]) for env in envs]
+    servers = [
+        subprocess.Popen(
+            [str(BIN / "disposition-server")],
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches this launcher, which stops children in order
+            preexec_fn=die_with_parent,
+        )
+        for env in envs
+    ]
     with ExitStack() as stack:
-        stack.callback(stop_process, server, grace=settings.shutdown_grace_seconds + 5)
+        stack.callback(
+            stop_processes,
+            servers,
+            grace=settings.shutdown_drain_seconds + settings.shutdown_grace_seconds + 5,
+        )
         try:
-            wait_serving(server, settings.grpc_port)
+            for server, port in zip(servers, ports, strict=True):
+                wait_serving(server, port)
         except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"make run: {exc}") from None
+            raise SystemExit(f"{command}: {exc}") from None
         envoy = stack.enter_context(
-            run_envoy(grpc_port=settings.grpc_port, http_port=http_port, admin_port=admin_port)
+            run_envoy(grpc_port=ports, http_port=http_port, admin_port=admin_port)
         )
         seeded = seed_demo_customer(envoy.http_port, creds)["data"]["items"][0]["status"]
         print(f"Demo customer {DEMO_CUSTOMER}: call {seeded}.", flush=True)
-        print(_banner(envoy.http_port, settings.grpc_port, creds), flush=True)
-        while not stop["signal"] and server.poll() is None:
+        banner = _banner(envoy.http_port, grpc_target, creds, topology, credentials_file)
+        print(banner, flush=True)
+        running = set(range(len(servers)))
+        while not stop["signal"] and running:
+            for index in sorted(running):
+                if servers[index].poll() is not None:
+                    running.discard(index)
+                    print(
+                        f"disposition-server on :{ports[index]} exited with "
+                        f"{servers[index].returncode}",
+                        flush=True,
+                    )
             time.sleep(0.2)
-        print("Stopping: draining Envoy, then the gRPC server...", flush=True)
+        print("Stopping: draining Envoy, then the gRPC servers...", flush=True)
         _drain_envoy(envoy.admin_port)
-    return 0 if server.returncode in (0, -signal.SIGTERM) else 1
+    ok = all(server.returncode in (0, -signal.SIGTERM) for server in servers)
+    return 0 if ok else 1
 
 
 def _drain_envoy(admin_port: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,13 +22,14 @@ from disposition.v1 import (
 )
 from server.db import Database
 from server.domain.feed import FeedHub
-from server.domain.ratelimit import InProcessRateLimiter, RateLimiter
+from server.domain.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from server.interceptors import (
     AuthInterceptor,
     RateLimitInterceptor,
     RequestIdInterceptor,
     TenantInterceptor,
 )
+from server.metrics import Metrics
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
 
@@ -45,13 +48,17 @@ class App:
         self.settings = settings
         self.db = db
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        # A limiter passed in belongs to the caller; the one built here is closed on stop().
+        self._owns_limiter = limiter is None
+        self.limiter = limiter or self._build_limiter()
         self.server = grpc.aio.server(
             interceptors=[
-                RequestIdInterceptor(),
+                RequestIdInterceptor(self.metrics),
                 AuthInterceptor(db),
                 TenantInterceptor(db),
                 RateLimitInterceptor(
-                    limiter or InProcessRateLimiter(), settings.rate_limit_per_minute
+                    self.limiter, settings.rate_limit_per_minute, metrics=self.metrics
                 ),
             ],
             options=[
@@ -75,11 +82,30 @@ class App:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        self.metrics.watch_state(db, lambda: self.feed.watcher_count)
         self.port = 0
+        self.metrics_port: int | None = None
+
+    def _build_limiter(self) -> RateLimiter:
+        if self.settings.redis_url is None:
+            return InProcessRateLimiter()
+        return RedisRateLimiter.from_url(
+            self.settings.redis_url,
+            timeout=self.settings.redis_timeout_seconds,
+            key_prefix=self.settings.redis_key_prefix,
+            on_fail_open=self.metrics.rate_limiter_fail_opens.inc,
+        )
 
     async def start(self) -> int:
-        """Bind, start serving and report SERVING; returns the bound port."""
-        await self.db.create_schema()
+        """Bind, start serving and report SERVING; returns the bound port.
+
+        SQLite is migrated here; PostgreSQL must already be at head (`make migrate`).
+        """
+        await self.db.prepare_schema()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
@@ -90,8 +116,16 @@ class App:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight RPCs finish within the grace, close the pools."""
+        """Report NOT_SERVING, keep serving for the drain period (load balancers stop routing
+        here meanwhile), then stop accepting, let in-flight RPCs finish within the grace and
+        close the pools."""
         await self.health.enter_graceful_shutdown()
-        await self.feed.close()  # watchers get UNAVAILABLE at once instead of holding the drain
+        await self.feed.close()  # watchers get UNAVAILABLE at once and resume on another replica
+        if self.settings.shutdown_drain_seconds > 0:
+            await asyncio.sleep(self.settings.shutdown_drain_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self._owns_limiter:
+            await self.limiter.close()
+        # After the drain, so the last RPCs can be scraped meanwhile; shutdown() blocks (polls).
+        await asyncio.to_thread(self.metrics.stop)
         await self.db.dispose()

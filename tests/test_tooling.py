@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
-from tests.support import BIN, REPO, ServerProcess, batch_item, free_port
+from tests.support import BIN, REPO, ServerProcess, batch_item, free_port, sql
 
 
 def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -122,9 +123,7 @@ def test_admin_cli_contract(database_url: str) -> None:
         admin(database_url, "partner", "rotate-secret", "--partner-id", "p1").stdout
     )
     assert rotated["api_secret"] != issued["api_secret"]
-    db_file = database_url.split("///", 1)[1]
-    with sqlite3.connect(db_file) as conn:
-        stored = [row[0] for row in conn.execute("SELECT secret_sha256 FROM partner_credentials")]
+    stored = [row[0] for row in sql(database_url, "SELECT secret_sha256 FROM partner_credentials")]
     assert issued["api_secret"] not in stored and rotated["api_secret"] not in stored
 
 
@@ -255,6 +254,8 @@ class Served:
 @pytest.fixture
 def served(database_url: str, tmp_path: Path) -> Iterator[Served]:
     """A server process with partner `d` and customer123 ingested through grpcurl."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only: these tests hold the file's write lock with sqlite3")
     creds = onboard_via_cli(database_url, "d")
     server = ServerProcess(database_url, tmp_path / "server.log", SHUTDOWN_GRACE_SECONDS="20")
     server.start()
@@ -301,6 +302,36 @@ def test_sigterm_drains_in_flight_requests(served: Served) -> None:
     assert stored(served.db_file) == ("interested", [(None, "interested")])
     # The update finished after the drain began, before the server stopped.
     assert [e["message"] for e in served.server.log_lines()][-3:] == ["draining", "rpc", "stopped"]
+
+
+def test_sigterm_with_a_drain_period_keeps_serving_while_reporting_not_serving(
+    served: Served,
+) -> None:
+    """SHUTDOWN_DRAIN_SECONDS: after SIGTERM the health check says NOT_SERVING at once (so a
+    load balancer stops routing here), and RPCs that still arrive meanwhile are served."""
+    server = served.server
+    server.stop()
+    server.env["SHUTDOWN_DRAIN_SECONDS"] = "3"
+    server.start()
+    assert server.process is not None
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest()
+        assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        while health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() - started < 2, "still SERVING 2 s after SIGTERM"
+            time.sleep(0.05)
+        stub = pb_grpc.DispositionServiceStub(channel)
+        request = pb.UpdateDispositionStatusRequest(
+            customer_id="customer123", disposition_status="during-drain"
+        )
+        assert stub.UpdateDispositionStatus(request, metadata=served.metadata, timeout=5).success
+        assert time.monotonic() - started < 3, "the update must land inside the drain period"
+    assert server.process.wait(30) == 0
+    assert stored(served.db_file) == ("during-drain", [(None, "during-drain")])
+    assert [e["message"] for e in server.log_lines()][-3:] == ["draining", "rpc", "stopped"]
 
 
 def test_abandoned_requests_never_wedge_the_writer(served: Served) -> None:

@@ -1,6 +1,7 @@
 """`make bench`: the real stack under bounded load on loopback; one JSON document on stdout.
 
     .venv/bin/python -m tests.bench.run_bench [--seconds 10] [--connections 16 64] [--repeats 3]
+    .venv/bin/python -m tests.bench.run_bench --topology cluster --replicas 2 [--database-url …]
 
 A fresh SQLite database in a temporary folder, `disposition-server` and Envoy as child processes,
 a bench partner with a huge rate limit, 10,000 customers ingested with IngestBatchCalls. Then, for
@@ -12,6 +13,11 @@ Each run is checked: transport errors and non-2xx replies, history rows written 
 OK update of a new status writes exactly one row), and for gRPC one grpcio call whose grpc-status
 must be OK (h2load sees only HTTP statuses, not trailers). Server RSS is sampled from /proc while
 the load runs. Figures are medians over the repeats; progress goes to stderr.
+
+`--topology cluster`: N servers on PostgreSQL (a schema of this run in --database-url's
+database, dropped afterwards) with Redis rate limits (a key prefix of this run), Envoy balancing
+over them; the gRPC load goes through Envoy too (h2load -> Envoy -> replicas), the feed suite
+watches one replica and writes through another, RSS and CPU are the replicas' totals.
 """
 
 from __future__ import annotations
@@ -34,17 +40,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.envoy_process import run_envoy
 from tests.bench import feed_batch, grpc_load, rest_load
 from tests.bench.stack import (
     RssSampler,
+    Topology,
+    cluster_topology,
     cpu_seconds,
-    create_partner,
-    database_env,
     ensure_running,
     grpc_server,
-    history_rows,
-    rss_mb,
+    single_topology,
+    total_rss_mb,
 )
 
 INSTALL_HINT = "apt-get install -y wrk nghttp2-client"
@@ -71,6 +76,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=SUITES,
         default=list(SUITES),
         help="load: REST and gRPC updates; feed: change-feed latency; batch: batch updates",
+    )
+    parser.add_argument(
+        "--topology",
+        choices=("single", "cluster"),
+        default="single",
+        help="single: one server on SQLite; cluster: --replicas servers on PostgreSQL + Redis",
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="servers of the cluster topology")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TEST_POSTGRES_URL")
+        or "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+        help="cluster: the PostgreSQL database to make this run's schema in",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="cluster: the Redis of the rate limits (keys under a prefix of this run)",
     )
     return parser.parse_args(argv)
 
@@ -99,14 +122,15 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def measure(run: Callable[[], dict[str, float]], *, db: Path, pid: int) -> dict[str, float]:
-    """One load run, with the server's RSS sampled during it and the history rows it wrote."""
-    before, cpu_before, started = history_rows(db), cpu_seconds(pid), time.monotonic()
-    with RssSampler(pid) as rss:
+def measure(run: Callable[[], dict[str, float]], *, topology: Topology) -> dict[str, float]:
+    """One load run, with the servers' RSS sampled during it and the history rows it wrote."""
+    pids = topology.pids
+    before, cpu_before, started = topology.history_rows(), cpu_seconds(*pids), time.monotonic()
+    with RssSampler(*pids) as rss:
         result = run()
-    cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
+    cpu = (cpu_seconds(*pids) - cpu_before) / (time.monotonic() - started)
     time.sleep(0.5)  # let requests still in flight when the client stopped commit
-    rows = history_rows(db) - before
+    rows = topology.history_rows() - before
     result["history_rows"] = rows
     result["real_change_ratio"] = round(rows / result["requests"], 4) if result["requests"] else 0.0
     result["server_rss_mb_peak"] = round(rss.peak, 1)
@@ -128,19 +152,26 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str, Any]:
     facts = machine_facts()
-    db = workdir / "bench.db"
-    env = database_env(db)
-    partner = create_partner(env)
-    server, grpc_port = stack.enter_context(grpc_server(env, workdir / "server.log"))
-    envoy = stack.enter_context(run_envoy(grpc_port=grpc_port, log_path=workdir / "envoy.log"))
-    other_port = 0
-    if "feed" in args.suites:  # started now: under the load below its start-up could not write
-        _, other_port = stack.enter_context(grpc_server(env, workdir / "server2.log"))
-    progress(f"server pid {server.pid} gRPC :{grpc_port}, Envoy HTTP :{envoy.http_port}")
+    if args.topology == "cluster":
+        topology = cluster_topology(
+            workdir, stack, replicas=args.replicas, database_url=args.database_url,
+            redis_url=args.redis_url,
+        )  # fmt: skip
+    else:
+        topology = single_topology(workdir, stack)
+    partner, envoy, grpc_port = topology.partner, topology.envoy, topology.grpc_port
+    watch_port, other_port = topology.server_ports[0], topology.server_ports[-1]
+    if "feed" in args.suites and len(topology.server_ports) == 1:
+        # Started now: under the load below its start-up could not write (SQLite).
+        _, other_port = stack.enter_context(grpc_server(topology.env, workdir / "server2.log"))
+    progress(
+        f"{topology.name}: server pids {topology.pids} gRPC {topology.server_ports}, "
+        f"Envoy HTTP :{envoy.http_port}, gRPC load to :{grpc_port}"
+    )
 
     ingestion = grpc_load.ingest(grpc_port, partner, args.customers)
     progress(f"ingested {args.customers} customers: {ingestion['calls_per_s']} calls/s")
-    idle_rss = rss_mb(server.pid)
+    idle_rss = total_rss_mb(topology.pids)
     common = {"partner": partner, "customers": args.customers}
 
     def rest(connections: int, seconds: int, tag: str) -> dict[str, float]:
@@ -155,22 +186,23 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
             **common,
         )  # fmt: skip
 
-    paths = {"rest_via_envoy_wrk": rest, "grpc_direct_h2load": grpc}
+    grpc_path = "grpc_direct_h2load" if topology.name == "single" else "grpc_via_envoy_h2load"
+    paths = {"rest_via_envoy_wrk": rest, grpc_path: grpc}
     if "load" not in args.suites:
         paths = {}
     else:
         progress("warm-up: 2 s per path (discarded)")
         for name, run in paths.items():
-            measure(partial(run, args.connections[0], 2, f"w{name[0]}"), db=db, pid=server.pid)
+            measure(partial(run, args.connections[0], 2, f"w{name[0]}"), topology=topology)
 
     results: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in paths}
     for rep in range(args.repeats):
         for connections in args.connections:
             for name, run in paths.items():
                 tag = f"{rep}{connections}{name[0]}"
-                ensure_running(server, envoy.admin_port)
+                ensure_running(topology.servers, envoy.admin_port)
                 load = partial(run, connections, args.seconds, tag)
-                result = measure(load, db=db, pid=server.pid)
+                result = measure(load, topology=topology)
                 if name.startswith("grpc"):
                     result["sample_call"] = grpc_load.sample_update(grpc_port, partner, f"s{tag}")
                 results[name].setdefault(connections, []).append(result)
@@ -182,9 +214,9 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
 
     extra: dict[str, Any] = {}
     if "feed" in args.suites:
-        extra["feed_latency"] = feed_suite(args, partner, grpc_port, other_port)
+        extra["feed_latency"] = feed_suite(args, partner, watch_port, other_port)
     if "batch" in args.suites:
-        extra["batch_update"] = batch_suite(args, db, partner, grpc_port)
+        extra["batch_update"] = batch_suite(args, topology)
     return {
         "machine": facts,
         "config": {
@@ -192,10 +224,12 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
             "seconds_per_run": args.seconds,
             "repeats": args.repeats,
             "connections": args.connections,
-            "database": "fresh SQLite file (WAL), SQLITE_SYNCHRONOUS=FULL (server default)",
+            "topology": topology.name,
+            "database": topology.description,
             "server_log_level": "WARNING",
             "rest": "wrk -t<cpus> keep-alive HTTP/1.1 -> Envoy (--concurrency 2) -> server",
-            "grpc": "h2load -t1 -m1 (one stream in flight per connection) -> server, no Envoy",
+            "grpc": "h2load -t1 -m1 (one stream in flight per connection) -> "
+            + ("server, no Envoy" if topology.name == "single" else "Envoy -> replicas"),
         },
         "ingestion": ingestion,
         "server_rss_mb_after_ingestion": round(idle_rss or 0.0, 1),
@@ -204,7 +238,7 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
             for name, by_conn in results.items()
         },
         **extra,
-        "server_rss_mb_at_end": round(rss_mb(server.pid) or 0.0, 1),
+        "server_rss_mb_at_end": round(total_rss_mb(topology.pids) or 0.0, 1),
     }
 
 
@@ -232,13 +266,15 @@ def feed_suite(
     return result
 
 
-def batch_suite(args: argparse.Namespace, db: Path, partner: Any, grpc_port: int) -> dict[str, Any]:
+def batch_suite(args: argparse.Namespace, topology: Topology) -> dict[str, Any]:
     """1,000-item batch updates; every item a real change, checked against history rows."""
     runs = []
     for _ in range(args.repeats):
-        before = history_rows(db)
-        run = feed_batch.batch_updates(port=grpc_port, partner=partner, customers=args.customers)
-        run["history_rows_written"] = history_rows(db) - before
+        before = topology.history_rows()
+        run = feed_batch.batch_updates(
+            port=topology.grpc_port, partner=topology.partner, customers=args.customers
+        )
+        run["history_rows_written"] = topology.history_rows() - before
         runs.append(run)
         progress(f"batch update: {run}")
     return {

@@ -1,23 +1,32 @@
-"""The stack under test: child processes, a fresh database, the bench partner, RSS sampling."""
+"""The stack under test: child processes, a fresh database, the bench partner, RSS sampling.
+
+Two topologies: `single` (one server on a fresh SQLite file, Envoy in front) and `cluster`
+(N servers on a fresh PostgreSQL schema and a Redis key prefix of their own, Envoy balancing).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import redis
+from sqlalchemy.engine import make_url
+
+from gateway.envoy_process import EnvoyPorts, run_envoy
 from gateway.processes import stop_process
 from gateway.stack import wait_serving
-from tests.support import free_port
+from tests.support import free_port, sql
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -97,10 +106,13 @@ def grpc_server(
         yield proc, port
 
 
-def ensure_running(server: subprocess.Popen[bytes], envoy_admin_port: int) -> None:
+def ensure_running(servers: Sequence[subprocess.Popen[bytes]], envoy_admin_port: int) -> None:
     """Fail fast, with a clear message, when a child died (or was killed) between runs."""
-    if server.poll() is not None:
-        raise RuntimeError(f"disposition-server exited with {server.returncode} during the bench")
+    for server in servers:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"disposition-server exited with {server.returncode} during the bench"
+            )
     try:
         url = f"http://127.0.0.1:{envoy_admin_port}/ready"
         with urllib.request.urlopen(url, timeout=5) as reply:
@@ -130,27 +142,36 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (0 once it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes have used so far (0 for any that has gone)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def total_rss_mb(pids: Sequence[int]) -> float | None:
+    """The processes' VmRSS added up (None once they have all gone)."""
+    values = [value for value in map(rss_mb, pids) if value is not None]
+    return sum(values) if values else None
 
 
 class RssSampler:
-    """Samples a process's VmRSS every `interval` seconds while the `with` block runs."""
+    """Samples the processes' total VmRSS every `interval` seconds while the `with` block runs."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, *pids: int, interval: float = 0.1) -> None:
+        self.pids, self.interval = pids, interval
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            value = rss_mb(self.pid)
+            value = total_rss_mb(self.pids)
             if value is not None:
                 self.samples.append(value)
             self._stop.wait(self.interval)
@@ -162,7 +183,7 @@ class RssSampler:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        end = rss_mb(self.pid)
+        end = total_rss_mb(self.pids)
         if end is not None:
             self.samples.append(end)
 
@@ -173,3 +194,75 @@ class RssSampler:
     @property
     def end(self) -> float:
         return self.samples[-1] if self.samples else 0.0
+
+
+@dataclass
+class Topology:
+    """The running stack: what the load targets and how its writes are counted."""
+
+    name: str
+    description: str
+    env: dict[str, str]
+    partner: Partner
+    servers: list[subprocess.Popen[bytes]]
+    server_ports: list[int]
+    envoy: EnvoyPorts
+    grpc_port: int  # where gRPC load goes: the one server (single) or Envoy (cluster)
+    history_rows: Callable[[], int]
+
+    @property
+    def pids(self) -> list[int]:
+        return [server.pid for server in self.servers]
+
+
+def single_topology(workdir: Path, stack: ExitStack) -> Topology:
+    """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server."""
+    db = workdir / "bench.db"
+    env = database_env(db)
+    partner = create_partner(env)
+    server, port = stack.enter_context(grpc_server(env, workdir / "server.log"))
+    envoy = stack.enter_context(run_envoy(grpc_port=port, log_path=workdir / "envoy.log"))
+    return Topology(
+        "single",
+        "fresh SQLite file (WAL), SQLITE_SYNCHRONOUS=FULL (server default), in-process rate limits",
+        env, partner, [server], [port], envoy, port, lambda: history_rows(db),
+    )  # fmt: skip
+
+
+def cluster_topology(
+    workdir: Path, stack: ExitStack, *, replicas: int, database_url: str, redis_url: str
+) -> Topology:
+    """`replicas` servers on a PostgreSQL schema and a Redis key prefix of this run (both
+    removed afterwards), Envoy balancing over them; gRPC load goes through Envoy too."""
+    tag = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
+    url = make_url(database_url).update_query_dict({"search_path": tag})
+    schema_url = url.render_as_string(hide_password=False)
+    prefix = f"{tag}:"
+    env = {**os.environ, "DATABASE_URL": schema_url, "REDIS_URL": redis_url,
+           "REDIS_KEY_PREFIX": prefix}  # fmt: skip
+
+    def cleanup() -> None:
+        sql(database_url, f'DROP SCHEMA IF EXISTS "{tag}" CASCADE')
+        with redis.Redis.from_url(redis_url) as client:
+            keys = list(client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                client.delete(*keys)
+
+    stack.callback(cleanup)  # runs after every child below has stopped
+    admin(env, "migrate")
+    partner = create_partner(env)
+    started = [
+        stack.enter_context(grpc_server(env, workdir / f"server{i}.log")) for i in range(replicas)
+    ]
+    ports = [port for _, port in started]
+    envoy = stack.enter_context(run_envoy(grpc_port=ports, log_path=workdir / "envoy.log"))
+
+    def count() -> int:
+        return int(sql(schema_url, "SELECT count(*) FROM disposition_history")[0][0])
+
+    return Topology(
+        "cluster",
+        f"{replicas} replicas on PostgreSQL ({make_url(database_url).host}, schema {tag}), "
+        "rate limits in Redis",
+        env, partner, [server for server, _ in started], ports, envoy, envoy.http_port, count,
+    )  # fmt: skip
