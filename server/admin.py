@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from server.db import Database
+from server.db import Database, SchemaOutdated
 from server.domain import catalogs, partners
 from server.settings import Settings, SettingsError
 
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"no partner {exc.args[0]!r}", EXIT_NOT_FOUND)
     except LookupError as exc:
         return _fail(str(exc), EXIT_NOT_FOUND)
+    except SchemaOutdated as exc:  # as the server: the database must be migrated first
+        return _fail(str(exc), EXIT_USAGE)
     except Exception as exc:
         return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
     print(json.dumps(result, indent=2))

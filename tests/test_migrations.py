@@ -133,6 +133,11 @@ async def test_a_postgres_server_refuses_a_schema_not_at_head(
     )
     assert refused.returncode == 2
     assert "run `make migrate`" in refused.stderr
+    admin = subprocess.run(  # any other admin command refuses the same way, exit code 2
+        [str(BIN / "disposition-admin"), "list"], env=env, capture_output=True, text=True
+    )
+    assert admin.returncode == 2
+    assert "run `make migrate`" in admin.stderr and "Traceback" not in admin.stderr
     migrated = subprocess.run(
         [str(BIN / "disposition-admin"), "migrate"],
         env=env,

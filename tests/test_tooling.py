@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
-from tests.support import BIN, REPO, ServerProcess, batch_item, free_port, sql
+from server.schema import head_revision
+from tests.support import (
+    BIN,
+    REPO,
+    PostgresSchemas,
+    ServerProcess,
+    batch_item,
+    free_port,
+    sql,
+)
 
 
 def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -176,11 +187,14 @@ def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
         server.stop()
 
 
-def start_launcher(workdir: Path, ports: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    """`make run`'s launcher in a scratch directory (its own var/), until it prints its banner."""
+def start_launcher(
+    workdir: Path, ports: dict[str, str], module: str = "gateway.stack"
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """`make run`'s launcher (or `module`'s) in a scratch directory (its own var/), until it
+    prints its banner."""
     env = {**os.environ, **ports, "LOG_LEVEL": "WARNING", "SHUTDOWN_GRACE_SECONDS": "3"}
     process = subprocess.Popen(
-        [str(BIN / "python"), "-m", "gateway.stack"],
+        [str(BIN / "python"), "-m", module],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert process.stdout is not None
@@ -233,6 +247,82 @@ def test_make_run_launcher_serves_the_printed_curl_and_stops_cleanly(tmp_path: P
     for port in ports.values():  # Envoy and the server are gone, not orphaned
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free (make run-cluster numbers its replicas' ports)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port + 1)) != 0 and port < 65535:
+                return port
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.mark.envoy
+@pytest.mark.postgres
+def test_make_run_cluster_serves_the_printed_lines_through_both_replicas(
+    tmp_path: Path, postgres: PostgresSchemas | None
+) -> None:
+    """`make run-cluster` on an empty schema: migrates it once, starts 2 replicas and Envoy,
+    and the printed curl and grpcurl lines work; SIGTERM stops everything, exit 0."""
+    if postgres is None:
+        pytest.skip("TEST_POSTGRES_URL is not set (e.g. postgresql+asyncpg://…/test)")
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        pytest.skip("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
+    schema = f"{postgres.prefix}_launcher"
+    postgres.created.append(schema)  # dropped with the run's other schemas
+    grpc_port, metrics_port = free_port_pair(), free_port_pair()
+    env = {
+        "HTTP_PORT": str(free_port()),
+        "GRPC_PORT": str(grpc_port),
+        "ENVOY_ADMIN_PORT": str(free_port()),
+        "METRICS_PORT": str(metrics_port),
+        "DATABASE_URL": postgres.url(schema),
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": f"test-launcher-{secrets.token_hex(4)}:",
+        "REPLICAS": "2",
+    }
+    (tmp_path / "build").symlink_to(REPO / "build")
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    process, lines = start_launcher(tmp_path, env, module="gateway.cluster")
+    try:
+        assert f"  2 replicas: 127.0.0.1:{grpc_port} (metrics :{metrics_port}), " in "\n".join(
+            lines
+        )
+        curl = next(line for line in lines if line.startswith("curl "))
+        grpc_line = next(line for line in lines if line.startswith(".venv/bin/grpcurl"))
+        assert f"127.0.0.1:{env['HTTP_PORT']} " in grpc_line  # through Envoy
+        for _ in range(6):  # round robin: both replicas serve some
+            reply = subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=30)
+            assert reply.stdout == '{"success":true}'
+        via_grpc = subprocess.run(
+            shlex.split(grpc_line), cwd=tmp_path, capture_output=True, text=True, timeout=30
+        )
+        assert json.loads(via_grpc.stdout) == {"success": True}
+        served = []
+        for port in (metrics_port, metrics_port + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            served.append(
+                sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("disposition_grpc_requests_total{")
+                    and "UpdateDispositionStatus" in line
+                    and 'code="OK"' in line
+                )
+            )
+        assert all(count > 0 for count in served), served
+        assert sum(served) == 7
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    version = sql(env["DATABASE_URL"], "SELECT version_num FROM alembic_version")
+    assert version == [(head_revision(),)]
+    history = sql(env["DATABASE_URL"], "SELECT count(*) FROM disposition_history")
+    assert history == [(2,)]  # interested (the first curl; the others change nothing), callback
 
 
 @dataclass
