@@ -14,6 +14,16 @@ OK update of a new status writes exactly one row), and for gRPC one grpcio call 
 must be OK (h2load sees only HTTP statuses, not trailers). Server RSS is sampled from /proc while
 the load runs. Figures are medians over the repeats; progress goes to stderr.
 
+The ceiling (load suite; `--no-ceiling` skips it): as many no-op servers (noop_server.py:
+UpdateDispositionStatus answers OK at once, no auth, checks or database) as the topology has
+servers, behind their own Envoy rendered from the same envoy.yaml, loaded with the same wrk and
+h2load commands and connection counts. Real and ceiling runs alternate (real first in even
+repeats, ceiling first in odd ones); the no-op runs skip the history-row check. The report adds
+`ceiling` (its medians) and `vs_ceiling` (real / ceiling ratios of the medians, the targets and
+pass/fail), and a table on stderr. Targets (issue 5): REST via Envoy req/s >= 0.90 of the
+ceiling's and p99 <= 1.25x; gRPC req/s >= 0.85 (cluster: the gRPC path goes through Envoy, on
+both sides, with the same target). Exit status 3 when any figure is below its target.
+
 `--topology cluster`: N servers on PostgreSQL (a schema of this run in --database-url's
 database, dropped afterwards) with Redis rate limits (a key prefix of this run), Envoy balancing
 over them; the gRPC load goes through Envoy too (h2load -> Envoy -> replicas), the feed suite
@@ -38,12 +48,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tests.bench import feed_batch, grpc_load, rest_load
 from tests.bench.stack import (
     RssSampler,
     Topology,
+    ceiling_for,
     cluster_topology,
     cpu_seconds,
     ensure_running,
@@ -62,6 +73,14 @@ FIGURES = (
     "server_rss_mb_peak",
     "server_cpu_cores",
 )
+# Issue 5's targets: the real figure as a share of the no-op ceiling measured in the same run.
+# "requests_ratio_min": real req/s / ceiling req/s must be at least this;
+# "p99_ratio_max": real p99 / ceiling p99 must be at most this (None: no p99 target).
+TARGETS: dict[str, dict[str, float | None]] = {
+    "rest": {"requests_ratio_min": 0.90, "p99_ratio_max": 1.25},
+    "grpc": {"requests_ratio_min": 0.85, "p99_ratio_max": None},
+}
+EXIT_BELOW_TARGET = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,6 +114,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
         help="cluster: the Redis of the rate limits (keys under a prefix of this run)",
     )
+    parser.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="load: skip the no-op ceiling runs (and the ratios and the exit status they decide)",
+    )
     return parser.parse_args(argv)
 
 
@@ -122,17 +146,38 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def measure(run: Callable[[], dict[str, float]], *, topology: Topology) -> dict[str, float]:
-    """One load run, with the servers' RSS sampled during it and the history rows it wrote."""
-    pids = topology.pids
-    before, cpu_before, started = topology.history_rows(), cpu_seconds(*pids), time.monotonic()
+class Side(NamedTuple):
+    """Where one side of the comparison sends its load: the real stack or its no-op ceiling."""
+
+    name: str  # "real" or "ceiling"
+    http_port: int  # Envoy's listener (REST load)
+    grpc_port: int  # the gRPC load's target: a server directly (single) or Envoy (cluster)
+    servers: list[subprocess.Popen[bytes]]
+    envoy_admin_port: int
+    history_rows: Callable[[], int] | None  # None: the no-op writes nothing, nothing to check
+    what: str  # the servers' name in error messages
+
+    @property
+    def pids(self) -> list[int]:
+        return [server.pid for server in self.servers]
+
+
+def measure(run: Callable[[], dict[str, float]], *, side: Side) -> dict[str, float]:
+    """One load run, with the servers' RSS sampled during it and (real side only) the history
+    rows it wrote."""
+    pids = side.pids
+    before = side.history_rows() if side.history_rows is not None else 0
+    cpu_before, started = cpu_seconds(*pids), time.monotonic()
     with RssSampler(*pids) as rss:
         result = run()
     cpu = (cpu_seconds(*pids) - cpu_before) / (time.monotonic() - started)
-    time.sleep(0.5)  # let requests still in flight when the client stopped commit
-    rows = topology.history_rows() - before
-    result["history_rows"] = rows
-    result["real_change_ratio"] = round(rows / result["requests"], 4) if result["requests"] else 0.0
+    time.sleep(0.5)  # let requests still in flight when the client stopped commit (both sides)
+    if side.history_rows is not None:
+        rows = side.history_rows() - before
+        result["history_rows"] = rows
+        result["real_change_ratio"] = (
+            round(rows / result["requests"], 4) if result["requests"] else 0.0
+        )
     result["server_rss_mb_peak"] = round(rss.peak, 1)
     result["server_rss_mb_end"] = round(rss.end, 1)
     result["server_cpu_cores"] = round(cpu, 2)  # 1.0 = one core busy for the whole run
@@ -141,7 +186,9 @@ def measure(run: Callable[[], dict[str, float]], *, topology: Topology) -> dict[
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the repeats; errors are the total of every run; the raw runs come along."""
-    summary: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in FIGURES}
+    summary: dict[str, Any] = {
+        k: round(statistics.median(r[k] for r in runs), 3) for k in FIGURES if k in runs[0]
+    }
     summary["errors"] = sum(int(r["errors"]) for r in runs)
     summary["server_rss_mb"] = summary["server_rss_mb_peak"]
     if "sample_call" in runs[0]:
@@ -174,43 +221,106 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
     idle_rss = total_rss_mb(topology.pids)
     common = {"partner": partner, "customers": args.customers}
 
-    def rest(connections: int, seconds: int, tag: str) -> dict[str, float]:
+    real = Side("real", envoy.http_port, grpc_port, topology.servers, envoy.admin_port,
+                topology.history_rows, "disposition-server")  # fmt: skip
+    sides = [real]
+    if "load" in args.suites and not args.no_ceiling:
+        if args.repeats < 3:
+            progress(f"note: ratios from {args.repeats} run(s) each; issue 5 asks for >= 3")
+        ceiling = ceiling_for(topology, workdir, stack)
+        sides.append(
+            Side("ceiling", ceiling.envoy.http_port, ceiling.grpc_port, ceiling.servers,
+                 ceiling.envoy.admin_port, None, "the no-op server")
+        )  # fmt: skip
+        progress(
+            f"ceiling: no-op server pids {ceiling.pids} gRPC {ceiling.server_ports}, "
+            f"its Envoy HTTP :{ceiling.envoy.http_port}, gRPC load to :{ceiling.grpc_port}"
+        )
+
+    def rest(side: Side, connections: int, seconds: int, tag: str) -> dict[str, float]:
         return rest_load.run_wrk(
-            http_port=envoy.http_port, connections=connections, seconds=seconds,
+            http_port=side.http_port, connections=connections, seconds=seconds,
             threads=facts["cpus_usable"], tag=tag, **common,
         )  # fmt: skip
 
-    def grpc(connections: int, seconds: int, tag: str) -> dict[str, float]:
+    def grpc(side: Side, connections: int, seconds: int, tag: str) -> dict[str, float]:
         return grpc_load.run_h2load(
-            port=grpc_port, connections=connections, seconds=seconds, workdir=workdir, tag=tag,
-            **common,
+            port=side.grpc_port, connections=connections, seconds=seconds, workdir=workdir,
+            tag=tag, **common,
         )  # fmt: skip
+
+    def side_tag(side: Side, tag: str) -> str:
+        # Same length on both sides (same body sizes); distinct file names and statuses.
+        return tag if side.name == "real" else tag[:-1] + tag[-1].upper()
 
     grpc_path = "grpc_direct_h2load" if topology.name == "single" else "grpc_via_envoy_h2load"
     paths = {"rest_via_envoy_wrk": rest, grpc_path: grpc}
     if "load" not in args.suites:
         paths = {}
     else:
-        progress("warm-up: 2 s per path (discarded)")
+        progress("warm-up: 2 s per path and side (discarded)")
         for name, run in paths.items():
-            measure(partial(run, args.connections[0], 2, f"w{name[0]}"), topology=topology)
+            for side in sides:
+                tag = side_tag(side, f"w{name[0]}")
+                measure(partial(run, side, args.connections[0], 2, tag), side=side)
 
-    results: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in paths}
+    results: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {
+        side.name: {name: {} for name in paths} for side in sides
+    }
     for rep in range(args.repeats):
+        # Real and ceiling alternate run by run; which goes first swaps every repeat.
+        order = sides if rep % 2 == 0 else sides[::-1]
         for connections in args.connections:
             for name, run in paths.items():
-                tag = f"{rep}{connections}{name[0]}"
-                ensure_running(topology.servers, envoy.admin_port)
-                load = partial(run, connections, args.seconds, tag)
-                result = measure(load, topology=topology)
-                if name.startswith("grpc"):
-                    result["sample_call"] = grpc_load.sample_update(grpc_port, partner, f"s{tag}")
-                results[name].setdefault(connections, []).append(result)
-                progress(
-                    f"{name} c={connections} run {rep + 1}/{args.repeats}: "
-                    f"{result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
-                    f"errors {result['errors']}, changes {result['real_change_ratio']}"
-                )
+                for side in order:
+                    tag = side_tag(side, f"{rep}{connections}{name[0]}")
+                    ensure_running(side.servers, side.envoy_admin_port, side.what)
+                    load = partial(run, side, connections, args.seconds, tag)
+                    result: dict[str, Any] = measure(load, side=side)
+                    if name.startswith("grpc"):
+                        result["sample_call"] = grpc_load.sample_update(
+                            side.grpc_port, partner, f"s{tag}"
+                        )
+                    results[side.name][name].setdefault(connections, []).append(result)
+                    changes = (
+                        f", changes {result['real_change_ratio']}"
+                        if "real_change_ratio" in result
+                        else ""
+                    )
+                    progress(
+                        f"{side.name} {name} c={connections} run {rep + 1}/{args.repeats}: "
+                        f"{result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
+                        f"errors {result['errors']}{changes}"
+                    )
+
+    summaries = {
+        side: {
+            name: {str(c): summarize(runs) for c, runs in by_conn.items()}
+            for name, by_conn in by_path.items()
+        }
+        for side, by_path in results.items()
+    }
+    ceiling_report: dict[str, Any] = {}
+    if "ceiling" in summaries:
+        ceiling_report = {
+            "ceiling": {
+                "what": "tests/bench/noop_server.py: UpdateDispositionStatus answers OK at once "
+                "(no auth, checks, rate limit or database), same grpc options, same process "
+                "count, behind its own Envoy rendered from the same envoy.yaml",
+                **summaries["ceiling"],
+            },
+            "vs_ceiling": {
+                name: {
+                    conn: compare(
+                        summaries["real"][name][conn],
+                        summaries["ceiling"][name][conn],
+                        TARGETS[name.split("_")[0]],
+                    )
+                    for conn in summaries["real"][name]
+                }
+                for name in paths
+            },
+        }
 
     extra: dict[str, Any] = {}
     if "feed" in args.suites:
@@ -230,16 +340,66 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
             "rest": "wrk -t<cpus> keep-alive HTTP/1.1 -> Envoy (--concurrency 2) -> server",
             "grpc": "h2load -t1 -m1 (one stream in flight per connection) -> "
             + ("server, no Envoy" if topology.name == "single" else "Envoy -> replicas"),
+            "ceiling": "off (--no-ceiling)"
+            if len(sides) == 1
+            else f"{len(topology.servers)} no-op server process(es), alternating with the real "
+            "runs (the first swaps every repeat); ratios are of the medians",
         },
         "ingestion": ingestion,
         "server_rss_mb_after_ingestion": round(idle_rss or 0.0, 1),
-        **{
-            name: {str(c): summarize(runs) for c, runs in by_conn.items()}
-            for name, by_conn in results.items()
-        },
+        **summaries["real"],
+        **ceiling_report,
         **extra,
         "server_rss_mb_at_end": round(total_rss_mb(topology.pids) or 0.0, 1),
     }
+
+
+def compare(
+    real: dict[str, Any], ceiling: dict[str, Any], target: dict[str, float | None]
+) -> dict[str, Any]:
+    """The real medians as shares of the ceiling's, against the targets."""
+    requests_ratio = (
+        round(real["requests_per_s"] / ceiling["requests_per_s"], 3)
+        if ceiling["requests_per_s"]
+        else 0.0
+    )
+    p99_ratio = round(real["p99_ms"] / ceiling["p99_ms"], 3) if ceiling["p99_ms"] else None
+    requests_min, p99_max = target["requests_ratio_min"], target["p99_ratio_max"]
+    requests_ok = requests_min is None or requests_ratio >= requests_min
+    p99_ok = p99_max is None or (p99_ratio is not None and p99_ratio <= p99_max)
+    return {
+        "real_requests_per_s": real["requests_per_s"],
+        "ceiling_requests_per_s": ceiling["requests_per_s"],
+        "requests_ratio": requests_ratio,
+        "requests_ratio_min": requests_min,
+        "real_p99_ms": real["p99_ms"],
+        "ceiling_p99_ms": ceiling["p99_ms"],
+        "p99_ratio": p99_ratio,
+        "p99_ratio_max": p99_max,
+        "real_errors": real["errors"],
+        "ceiling_errors": ceiling["errors"],
+        "pass": requests_ok and p99_ok,
+    }
+
+
+def ceiling_table(vs_ceiling: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The comparison as aligned text lines, one per path and connection count."""
+    lines = [
+        f"{'path':<24}{'conns':>6}{'real req/s':>12}{'ceiling':>10}{'ratio':>7}{'min':>6}"
+        f"{'real p99':>10}{'ceiling':>9}{'ratio':>7}{'max':>6}  result"
+    ]
+    for name, by_conn in vs_ceiling.items():
+        for conn, c in by_conn.items():
+            p99_ratio = "-" if c["p99_ratio"] is None else f"{c['p99_ratio']:.2f}"
+            p99_max = "-" if c["p99_ratio_max"] is None else f"{c['p99_ratio_max']:.2f}"
+            lines.append(
+                f"{name:<24}{conn:>6}{c['real_requests_per_s']:>12.1f}"
+                f"{c['ceiling_requests_per_s']:>10.1f}{c['requests_ratio']:>7.3f}"
+                f"{c['requests_ratio_min']:>6.2f}{c['real_p99_ms']:>10.1f}"
+                f"{c['ceiling_p99_ms']:>9.1f}{p99_ratio:>7}{p99_max:>6}  "
+                + ("pass" if c["pass"] else "BELOW TARGET")
+            )
+    return lines
 
 
 def feed_suite(
@@ -322,6 +482,22 @@ def main(argv: list[str] | None = None) -> int:
             show_logs(Path(tmp))
             raise
     print(json.dumps(report, indent=2))
+    vs_ceiling = report.get("vs_ceiling")
+    if not vs_ceiling:
+        return 0
+    table = ceiling_table(vs_ceiling)
+    misses = [line for line in table[1:] if line.endswith("BELOW TARGET")]
+    progress(
+        "real figures beside their no-op ceilings (medians; ratio = real / ceiling):\n"
+        + "\n".join(table)
+    )
+    if misses:
+        progress(
+            f"{len(misses)} of {len(table) - 1} figures below target "
+            f"(req/s ratio >= min, p99 ratio <= max): exit {EXIT_BELOW_TARGET}"
+        )
+        return EXIT_BELOW_TARGET
+    progress("every figure meets its target")
     return 0
 
 

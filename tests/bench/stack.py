@@ -106,13 +106,29 @@ def grpc_server(
         yield proc, port
 
 
-def ensure_running(servers: Sequence[subprocess.Popen[bytes]], envoy_admin_port: int) -> None:
+@contextmanager
+def noop_server(log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The ceiling's no-op server (noop_server.py) on a free port, yielded once SERVING."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.bench.noop_server", "--port", str(port)]
+    with log_path.open("ab") as log, child(argv, env=dict(os.environ), log=log) as proc:
+        try:
+            wait_serving(proc, port)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"no-op server: {exc}; its log ends with:\n{tail}") from None
+        yield proc, port
+
+
+def ensure_running(
+    servers: Sequence[subprocess.Popen[bytes]],
+    envoy_admin_port: int,
+    what: str = "disposition-server",
+) -> None:
     """Fail fast, with a clear message, when a child died (or was killed) between runs."""
     for server in servers:
         if server.poll() is not None:
-            raise RuntimeError(
-                f"disposition-server exited with {server.returncode} during the bench"
-            )
+            raise RuntimeError(f"{what} exited with {server.returncode} during the bench")
     try:
         url = f"http://127.0.0.1:{envoy_admin_port}/ready"
         with urllib.request.urlopen(url, timeout=5) as reply:
@@ -266,3 +282,33 @@ def cluster_topology(
         "rate limits in Redis",
         env, partner, [server for server, _ in started], ports, envoy, envoy.http_port, count,
     )  # fmt: skip
+
+
+@dataclass
+class Ceiling:
+    """The no-op servers behind their own Envoy: what the real topology's load is compared with."""
+
+    servers: list[subprocess.Popen[bytes]]
+    server_ports: list[int]
+    envoy: EnvoyPorts
+    grpc_port: int  # where gRPC load goes: as for the real topology, direct or through Envoy
+
+    @property
+    def pids(self) -> list[int]:
+        return [server.pid for server in self.servers]
+
+
+def ceiling_for(topology: Topology, workdir: Path, stack: ExitStack) -> Ceiling:
+    """As many no-op servers as the topology has servers, behind an Envoy rendered from the
+    same envoy.yaml with the same options; gRPC load goes direct (single) or through Envoy
+    (cluster), as it does for the real topology."""
+    started = [
+        stack.enter_context(noop_server(workdir / f"noop{i}.log"))
+        for i in range(len(topology.servers))
+    ]
+    ports = [port for _, port in started]
+    envoy = stack.enter_context(run_envoy(grpc_port=ports, log_path=workdir / "envoy-ceiling.log"))
+    direct = topology.grpc_port in topology.server_ports
+    return Ceiling(
+        [server for server, _ in started], ports, envoy, ports[0] if direct else envoy.http_port
+    )
