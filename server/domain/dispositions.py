@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from server import context
 from server.db import Database
-from server.domain import catalogs, validation
+from server.domain import update_groups, validation
 from server.errors import CustomerNotFound, ValidationFailed
 from server.storage import customers
-from server.storage.customers import StatusChange
 
 SOURCE_UPDATE = "disposition_update"
 
@@ -43,30 +40,14 @@ async def update_disposition_status(
         if found is None:
             raise CustomerNotFound(customer_id)
         return False
-    new_status = disposition_status or None
-    async with db.write() as conn:
-        if new_status is not None:  # clearing is always allowed
-            catalog = await catalogs.load(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
-            catalog.require([("disposition_status", new_status)])
-        state = await customers.find_customer(
-            conn,
+    return await update_groups.groups_of(db).submit(
+        update_groups.PendingUpdate(
             tenant_id=tenant_id,
             sub_tenant_id=sub_tenant_id,
             customer_id=customer_id,
-            for_update=True,
-        )
-        if state is None:
-            raise CustomerNotFound(customer_id)
-        if state.disposition_status == new_status:
-            return False
-        await customers.apply_status_changes(
-            conn,
-            changes=[StatusChange(state.pk, state.disposition_status, new_status)],
-            source=SOURCE_UPDATE,
+            new_status=disposition_status or None,
             partner_pk=partner_pk,
             request_id=ctx.request_id,
-            now=datetime.now(UTC),
-            tenant_id=tenant_id,
-            sub_tenant_id=sub_tenant_id,
+            source=SOURCE_UPDATE,
         )
-    return True
+    )

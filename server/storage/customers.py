@@ -152,32 +152,69 @@ async def apply_status_changes(
     now: datetime,
 ) -> None:
     """Set each customer's new status and append one history row per change."""
+    await append_changes(
+        conn,
+        [
+            RecordedChange(c, tenant_id, sub_tenant_id, source, partner_pk, request_id)
+            for c in changes
+        ],
+        now=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedChange:
+    """A status change with what its history row records about who made it."""
+
+    change: StatusChange
+    tenant_id: str
+    sub_tenant_id: str
+    source: str
+    partner_pk: int
+    request_id: str
+
+
+async def append_changes(
+    conn: AsyncConnection, changes: Sequence[RecordedChange], *, now: datetime
+) -> None:
+    """Apply changes of any tenants in order: set each customer's status and append its history
+    row, with the next change-feed cursors of its tenant. Three statements per tenant at most."""
     if not changes:
         return
-    last_seq = await history.advance_cursor(conn, tenant_id=tenant_id, count=len(changes))
-    first_seq = last_seq - len(changes) + 1
+    per_tenant: dict[str, int] = {}
+    for recorded in changes:
+        per_tenant[recorded.tenant_id] = per_tenant.get(recorded.tenant_id, 0) + 1
+    next_seq: dict[str, int] = {}
+    for tenant_id in sorted(per_tenant):  # one order for every writer: no lock cycles
+        count = per_tenant[tenant_id]
+        last_seq = await history.advance_cursor(conn, tenant_id=tenant_id, count=count)
+        next_seq[tenant_id] = last_seq - count + 1
     await conn.execute(
         _SET_STATUS,
-        [{"customer_pk": c.customer_pk, "new_status": c.new_status, "now": now} for c in changes],
-    )
-    await conn.execute(
-        insert(DispositionHistory),
         [
-            {
-                "seq": first_seq + position,
-                "customer_pk": c.customer_pk,
-                "tenant_id": tenant_id,
-                "sub_tenant_id": sub_tenant_id,
-                "previous_status": c.previous_status,
-                "new_status": c.new_status,
-                "source": source,
-                "partner_pk": partner_pk,
-                "request_id": request_id,
-                "changed_at": now,
-            }
-            for position, c in enumerate(changes)
+            {"customer_pk": r.change.customer_pk, "new_status": r.change.new_status, "now": now}
+            for r in changes
         ],
     )
+    rows = []
+    for r in changes:
+        seq = next_seq[r.tenant_id]
+        next_seq[r.tenant_id] = seq + 1
+        rows.append(
+            {
+                "seq": seq,
+                "customer_pk": r.change.customer_pk,
+                "tenant_id": r.tenant_id,
+                "sub_tenant_id": r.sub_tenant_id,
+                "previous_status": r.change.previous_status,
+                "new_status": r.change.new_status,
+                "source": r.source,
+                "partner_pk": r.partner_pk,
+                "request_id": r.request_id,
+                "changed_at": now,
+            }
+        )
+    await conn.execute(insert(DispositionHistory), rows)
 
 
 # The customer's current status with the time of its latest change (ix_history_customer).
