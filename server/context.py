@@ -16,6 +16,7 @@ class RequestContext:
     partner_pk: int | None = None
     partner_id: str | None = None
     rate_limit_per_minute: int | None = None
+    grant: tuple[str, str, bool] | None = None  # read with the credential (access.py)
     tenant_id: str | None = None
     sub_tenant_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)

@@ -248,7 +248,9 @@ class AuthInterceptor(_Gate):
             api_key=ctx.headers.get("x-api-key"),
             api_secret=ctx.headers.get("x-api-secret"),
             partner_id=ctx.headers.get("x-partner-id"),
+            tenant=(ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")),
         )
+        ctx.grant = principal.grant
         ctx.partner_pk = principal.partner_pk
         ctx.partner_id = principal.partner_id
         ctx.rate_limit_per_minute = principal.rate_limit_per_minute
@@ -266,7 +268,11 @@ class TenantInterceptor(_Gate):
         )
         assert ctx.partner_pk is not None
         await access.authorize_tenant(
-            self.db, partner_pk=ctx.partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+            self.db,
+            partner_pk=ctx.partner_pk,
+            tenant_id=tenant_id,
+            sub_tenant_id=sub_tenant_id,
+            known=ctx.grant,
         )
         ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import event
 
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
@@ -382,3 +383,33 @@ async def test_empty_partner_id_header_counts_as_absent(
         update_request("c1", "x"), metadata=partner.metadata(x_partner_id="")
     )
     assert reply.success
+
+
+async def test_credential_and_grant_are_read_in_one_statement(
+    app: Any, dispositions: Any, ingestion: Any, partner: Credentials
+) -> None:
+    """The hot path: one read of credentials and grants per request, not one each."""
+    await ingest(ingestion, partner, "one-read")
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    engine = app.db.reader.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        await dispositions.UpdateDispositionStatus(
+            update_request("one-read", "interested"), metadata=partner.metadata()
+        )
+        other_tenant = partner.metadata(x_tenant_id="tenant2")
+        error = await fail(
+            dispositions.UpdateDispositionStatus(
+                update_request("one-read", "interested"), metadata=other_tenant
+            )
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    access_reads = [s for s in seen if "partner_credentials" in s or "tenant_grants" in s]
+    assert len(access_reads) == 2, access_reads  # one per request, granted or not
+    assert all("tenant_grants" in s and "partner_credentials" in s for s in access_reads)
