@@ -36,7 +36,14 @@ class Database:
             self.writer = create_async_engine(
                 settings.database_url, pool_size=1, max_overflow=0, pool_timeout=300
             )
-            self.reader = create_async_engine(settings.database_url, pool_size=4, max_overflow=0)
+            # Reads are autocommit at the driver (below): no COMMIT or ROLLBACK round trips.
+            self.reader = create_async_engine(
+                settings.database_url,
+                pool_size=4,
+                max_overflow=0,
+                isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
+            )
             _sqlite_pragmas(self.writer.sync_engine, settings, begin="BEGIN IMMEDIATE")
             # Readers run each statement in its own implicit transaction (no BEGIN round trip):
             # every hot-path read is a single statement.
@@ -72,8 +79,12 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """Reads. On SQLite each statement sees the latest commit (no multi-statement snapshot)."""
-        async with self.reader.begin() as conn:
-            yield conn
+        if self.reader is self.writer:  # PostgreSQL: a read-only transaction of its own
+            async with self.reader.begin() as conn:
+                yield conn
+        else:  # SQLite: autocommit, each statement its own snapshot
+            async with self.reader.connect() as conn:
+                yield conn
 
     async def create_schema(self) -> str:
         """Migrate the database to the current schema (Alembic head; idempotent).
