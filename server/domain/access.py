@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from server.db import Database
 from server.domain.credentials import secret_matches
@@ -39,7 +40,7 @@ async def authenticate(
     tenant_id, sub_tenant_id = tenant
     grant: tuple[str, str, bool] | None = None
     async with db.read() as conn:
-        if tenant_id and tenant_id.strip() and sub_tenant_id and sub_tenant_id.strip():
+        if _given(tenant_id) and _given(sub_tenant_id):
             found = await partners.find_active_credential_and_grant(
                 conn, api_key=api_key, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
             )
@@ -57,11 +58,16 @@ async def authenticate(
 
 def require_tenant(tenant_id: str | None, sub_tenant_id: str | None) -> tuple[str, str]:
     """Both tenant headers must be present and not blank."""
-    if tenant_id is None or not tenant_id.strip():
+    if not _given(tenant_id):
         raise TenantIdRequired()
-    if sub_tenant_id is None or not sub_tenant_id.strip():
+    if not _given(sub_tenant_id):
         raise SubTenantIdRequired()
     return tenant_id, sub_tenant_id
+
+
+def _given(header: str | None) -> TypeGuard[str]:
+    """A tenant header counts when present and not blank."""
+    return header is not None and bool(header.strip())
 
 
 async def authorize_tenant(

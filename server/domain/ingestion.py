@@ -181,13 +181,12 @@ async def ingest_batch(
             validate_batch(items, catalog)
         raise
     now = datetime.now(UTC)
-    for attempt in range(1, _ATTEMPTS + 1):
+    for _ in range(_ATTEMPTS):
         try:
             return await _store(db, items, times, request, now)
         except _CallsRaced:
-            if attempt == _ATTEMPTS:
-                raise RuntimeError(f"batch-call: call ids raced {_ATTEMPTS} times") from None
-    raise AssertionError("unreachable")
+            continue
+    raise RuntimeError(f"batch-call: call ids raced {_ATTEMPTS} times")
 
 
 class _CallsRaced(Exception):

@@ -88,22 +88,30 @@ def create_partner(env: dict[str, str]) -> Partner:
 
 
 @contextmanager
+def _serving(
+    argv: list[str], env: dict[str, str], port: int, log_path: Path, what: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A child gRPC server, yielded once its health service says SERVING on `port`."""
+    with log_path.open("ab") as log, child(argv, env=env, log=log) as proc:
+        try:
+            wait_serving(proc, port)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what}: {exc}; its log ends with:\n{tail}") from None
+        yield proc, port
+
+
+@contextmanager
 def grpc_server(
     env: dict[str, str], log_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`disposition-server` on a free port, yielded once its health service says SERVING."""
     port = free_port()
     server_env = {**env, "GRPC_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    with (
-        log_path.open("ab") as log,
-        child([str(BIN / "disposition-server")], env=server_env, log=log) as proc,
-    ):
-        try:
-            wait_serving(proc, port)
-        except (RuntimeError, TimeoutError) as exc:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from None
-        yield proc, port
+    with _serving(
+        [str(BIN / "disposition-server")], server_env, port, log_path, "disposition-server"
+    ) as started:
+        yield started
 
 
 @contextmanager
@@ -111,13 +119,8 @@ def noop_server(log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]
     """The ceiling's no-op server (noop_server.py) on a free port, yielded once SERVING."""
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.noop_server", "--port", str(port)]
-    with log_path.open("ab") as log, child(argv, env=dict(os.environ), log=log) as proc:
-        try:
-            wait_serving(proc, port)
-        except (RuntimeError, TimeoutError) as exc:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"no-op server: {exc}; its log ends with:\n{tail}") from None
-        yield proc, port
+    with _serving(argv, dict(os.environ), port, log_path, "no-op server") as started:
+        yield started
 
 
 def ensure_running(
