@@ -21,6 +21,7 @@ from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
 from server.db import Database
+from server.domain.access_cache import AccessCache
 from server.domain.feed import FeedHub
 from server.domain.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from server.interceptors import (
@@ -52,11 +53,20 @@ class App:
         # A limiter passed in belongs to the caller; the one built here is closed on stop().
         self._owns_limiter = limiter is None
         self.limiter = limiter or self._build_limiter()
+        self.access_cache = (
+            AccessCache(
+                db,
+                ttl_seconds=settings.access_cache_seconds,
+                poll_seconds=settings.access_poll_seconds,
+            )
+            if settings.access_cache_seconds > 0
+            else None
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 RequestIdInterceptor(self.metrics),
-                AuthInterceptor(db),
-                TenantInterceptor(db),
+                AuthInterceptor(db, self.access_cache),
+                TenantInterceptor(db, self.access_cache),
                 RateLimitInterceptor(
                     self.limiter, settings.rate_limit_per_minute, metrics=self.metrics
                 ),
@@ -102,6 +112,8 @@ class App:
         SQLite is migrated here; PostgreSQL must already be at head (`make migrate`).
         """
         await self.db.prepare_schema()
+        if self.access_cache is not None:
+            await self.access_cache.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 self.settings.metrics_host, self.settings.metrics_port
@@ -124,6 +136,8 @@ class App:
         if self.settings.shutdown_drain_seconds > 0:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self.access_cache is not None:
+            await self.access_cache.close()
         if self._owns_limiter:
             await self.limiter.close()
         # After the drain, so the last RPCs can be scraped meanwhile; shutdown() blocks (polls).

@@ -24,6 +24,7 @@ from server import context
 from server.context import RequestContext
 from server.db import Database
 from server.domain import access
+from server.domain.access_cache import AccessCache
 from server.domain.ratelimit import RateLimiter
 from server.errors import MalformedRequest, RateLimited, ServiceError
 from server.metrics import Metrics
@@ -239,8 +240,9 @@ class _Gate(grpc.aio.ServerInterceptor):
 class AuthInterceptor(_Gate):
     """`x-api-key` + `x-api-secret` (and `x-partner-id` when sent) must be a live credential."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: AccessCache | None = None) -> None:
         self.db = db
+        self.cache = cache
 
     async def check(self, ctx: RequestContext) -> None:
         principal = await access.authenticate(
@@ -249,6 +251,7 @@ class AuthInterceptor(_Gate):
             api_secret=ctx.headers.get("x-api-secret"),
             partner_id=ctx.headers.get("x-partner-id"),
             tenant=(ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")),
+            cache=self.cache,
         )
         ctx.grant = principal.grant
         ctx.partner_pk = principal.partner_pk
@@ -259,8 +262,9 @@ class AuthInterceptor(_Gate):
 class TenantInterceptor(_Gate):
     """Both tenant headers are required, and the partner must be granted them."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: AccessCache | None = None) -> None:
         self.db = db
+        self.cache = cache
 
     async def check(self, ctx: RequestContext) -> None:
         tenant_id, sub_tenant_id = access.require_tenant(
@@ -273,6 +277,7 @@ class TenantInterceptor(_Gate):
             tenant_id=tenant_id,
             sub_tenant_id=sub_tenant_id,
             known=ctx.grant,
+            cache=self.cache,
         )
         ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
 

@@ -156,6 +156,19 @@ class FeedSequence(Base):
     last_seq: Mapped[int] = mapped_column(BigInteger)
 
 
+class AccessVersion(Base):
+    """One row whose `version` moves with every change to partners, credentials or grants.
+
+    Servers cache credentials and grants in memory and poll this row: a change made by the admin
+    CLI (another process) empties every server's cache within one poll period.
+    """
+
+    __tablename__ = "access_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
 class CatalogEntry(Base):
     """One allowed status of a tenant's disposition catalog.
 

@@ -38,6 +38,10 @@ class Settings:
     # commits (this process's own commits wake watchers at once), and the heartbeat period.
     feed_poll_seconds: float = 0.05
     feed_heartbeat_seconds: float = 15.0
+    # Credentials and grants cached in memory for this long (0: read on every request), trusted
+    # only while the access version is polled every access_poll_seconds (domain/access_cache.py).
+    access_cache_seconds: float = 60.0
+    access_poll_seconds: float = 0.05
     # Rate limits shared by every replica through Redis (None: counted in this process only).
     redis_url: str | None = None
     redis_key_prefix: str = "disposition:"
@@ -61,6 +65,8 @@ class Settings:
             environment=env.get("DISPOSITION_ENV", "development"),
             feed_poll_seconds=_float(env, "FEED_POLL_SECONDS", 0.05, minimum=0.001),
             feed_heartbeat_seconds=_float(env, "FEED_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
+            access_cache_seconds=_float(env, "ACCESS_CACHE_SECONDS", 60.0, minimum=0.0),
+            access_poll_seconds=_float(env, "ACCESS_POLL_SECONDS", 0.05, minimum=0.001),
             redis_url=env.get("REDIS_URL") or None,
             redis_key_prefix=env.get("REDIS_KEY_PREFIX", "disposition:"),
             redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 0.25, minimum=0.001),

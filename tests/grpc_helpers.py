@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import select
@@ -15,6 +16,13 @@ from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.models import Customer, DispositionHistory
 from tests.support import Credentials, batch_item
+
+
+async def fail(call: Any) -> grpc.aio.AioRpcError:
+    """The error a call ends with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
 
 
 def update_request(customer_id: str, status: str | None = None) -> Any:

@@ -22,6 +22,7 @@ from sqlalchemy import Executable, Row, text
 from sqlalchemy.engine import make_url
 
 from gateway.processes import stop_process
+from server.app import App
 from server.db import Database
 from server.domain import partners
 from server.models import Base
@@ -61,6 +62,17 @@ class Credentials:
 
 def settings_for(database_url: str, **overrides: Any) -> Settings:
     return Settings(database_url=database_url, grpc_port=0, **overrides)
+
+
+async def access_change_seen(app: App, before: int, timeout: float = 5.0) -> None:
+    """Wait until the server's own poller has emptied its access cache since generation
+    `before` (what an admin change, made by another process, leads to)."""
+    cache = app.access_cache
+    assert cache is not None, "the server runs without an access cache"
+    deadline = asyncio.get_running_loop().time() + timeout
+    while cache.generation == before:
+        assert asyncio.get_running_loop().time() < deadline, "the access cache never noticed"
+        await asyncio.sleep(0.005)
 
 
 async def onboard(

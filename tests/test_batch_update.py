@@ -15,7 +15,7 @@ from sqlalchemy import select
 from disposition.v1 import disposition_service_pb2 as pb
 from server.db import Database
 from server.models import Customer, DispositionHistory
-from tests.grpc_helpers import details, history, ingest, stored_status, violations
+from tests.grpc_helpers import details, fail, history, ingest, stored_status, violations
 from tests.http_helpers import assert_rest_reply
 from tests.rest_stack import Stack, start_stack
 from tests.support import Credentials, batch_item, onboard
@@ -63,12 +63,6 @@ def outcome(
         "changed": changed,
         "errors": [{"field": f, "message": m} for f, m in errors or []],
     }
-
-
-async def fail(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 async def feed_rows(db: Database, tenant_id: str = "tenant1") -> list[tuple[int, str, str]]:

@@ -22,6 +22,7 @@ from server.models import Call, Customer
 from tests.grpc_helpers import (
     batch_request,
     details,
+    fail,
     history,
     ingest,
     stored_status,
@@ -59,12 +60,6 @@ async def listed(stub: Any, creds: Credentials, **headers: str) -> dict[str, Any
         pb.ListDispositionsRequest(), metadata=creds.metadata(**headers)
     )
     return as_dict(reply)
-
-
-async def fail(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 def catalog_json(scope: str, *statuses: str) -> dict[str, Any]:

@@ -17,7 +17,13 @@ from sqlalchemy import Connection, inspect
 from server.app import App
 from server.db import Database, SchemaOutdated
 from server.models import Base
-from server.schema import BASELINE, current_revision, head_revision
+from server.schema import (
+    BASELINE,
+    _baseline_metadata,
+    alembic_config,
+    current_revision,
+    head_revision,
+)
 from tests.support import BIN, REPO, PostgresSchemas, onboard, settings_for, sql
 
 
@@ -63,11 +69,12 @@ async def test_postgres_migrated_from_empty_matches_the_models(
 
 
 def create_all_era(path: Path, *, drop_column: str | None = None) -> None:
-    """A file as `create_all` made it before migrations (no alembic_version table)."""
+    """A file as `create_all` made it before migrations (no alembic_version table): the
+    baseline revision's tables, which were the models of that time."""
     from sqlalchemy import create_engine
 
     engine = create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(engine)
+    _baseline_metadata(alembic_config()).create_all(engine)
     engine.dispose()
     if drop_column is not None:
         table, column = drop_column.split(".")

@@ -21,18 +21,12 @@ from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.models import Customer, DispositionHistory
 from server.storage import as_utc
-from tests.grpc_helpers import batch_request, details, ingest, update_request, violations
+from tests.grpc_helpers import batch_request, details, fail, ingest, update_request, violations
 from tests.http_helpers import Reply, assert_rest_reply
 from tests.rest_stack import Stack, start_stack
 from tests.support import Credentials, batch_item, onboard
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6}|\.\d{9})?Z$")
-
-
-async def fail(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 def status_request(customer_id: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -303,6 +304,11 @@ def test_admin_changes_take_effect_on_the_running_stack(stack: Stack) -> None:
         finally:
             await db.dispose()
 
+    assert stack.put({"customer_id": "r-customer"}, creds).status == 200  # cached by now
     run(revoke())
-    reply = stack.put({"customer_id": "r-customer"}, creds)
+    # The server notices within its access poll period (ACCESS_POLL_SECONDS, 50 ms).
+    deadline = time.monotonic() + 5
+    while (reply := stack.put({"customer_id": "r-customer"}, creds)).status == 200:
+        assert time.monotonic() < deadline, "the revoked grant still works"
+        time.sleep(0.01)
     assert_rest_reply(reply, 403, b'{"success":false,"message":"Forbidden"}')

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 from server.db import Database
+from server.domain.access_cache import AccessCache
 from server.domain.credentials import secret_matches
 from server.errors import Forbidden, SubTenantIdRequired, TenantIdRequired
 from server.storage import partners
+from server.storage.partners import CredentialRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,31 +31,62 @@ async def authenticate(
     api_secret: str | None,
     partner_id: str | None,
     tenant: tuple[str | None, str | None] = (None, None),
+    cache: AccessCache | None = None,
 ) -> Principal:
     """Check the key and secret; a non-empty `x-partner-id` must name the key's partner.
 
     With both tenant headers, the partner's grant for them is read in the same statement
-    (Principal.grant), so that authorize_tenant needs no second read.
+    (Principal.grant), so that authorize_tenant needs no second read. With a cache, a
+    credential and grant read before are not read again (see server.domain.access_cache).
     """
     if not api_key or not api_secret:
         raise Forbidden()
     tenant_id, sub_tenant_id = tenant
+    scoped = _given(tenant_id) and _given(sub_tenant_id)
+    record = None if cache is None else cache.credential(api_key)
     grant: tuple[str, str, bool] | None = None
-    async with db.read() as conn:
-        if _given(tenant_id) and _given(sub_tenant_id):
-            found = await partners.find_active_credential_and_grant(
-                conn, api_key=api_key, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
-            )
-            record = None if found is None else found[0]
-            if found is not None:
-                grant = (tenant_id, sub_tenant_id, found[1])
+    if record is not None and scoped:
+        assert tenant_id is not None and sub_tenant_id is not None
+        assert cache is not None
+        granted = cache.grant(record.partner_pk, tenant_id, sub_tenant_id)
+        if granted is None:
+            record = None  # read both again, in one statement
         else:
-            record = await partners.find_active_credential(conn, api_key=api_key)
+            grant = (tenant_id, sub_tenant_id, granted)
+    if record is None:
+        record, grant = await _read_access(db, api_key, tenant if scoped else None, cache)
     if record is None or not secret_matches(api_secret, record.secret_sha256):
         raise Forbidden()
     if not record.enabled or (partner_id and partner_id != record.partner_id):
         raise Forbidden()
     return Principal(record.partner_pk, record.partner_id, record.rate_limit_per_minute, grant)
+
+
+async def _read_access(
+    db: Database,
+    api_key: str,
+    tenant: tuple[str | None, str | None] | None,
+    cache: AccessCache | None,
+) -> tuple[CredentialRecord | None, tuple[str, str, bool] | None]:
+    """The key's active credential and (for a tenant) its partner's grant, from the database."""
+    generation = None if cache is None else cache.generation
+    async with db.read() as conn:
+        if tenant is None:
+            record = await partners.find_active_credential(conn, api_key=api_key)
+            grant = None
+        else:
+            tenant_id, sub_tenant_id = tenant
+            assert tenant_id is not None and sub_tenant_id is not None
+            found = await partners.find_active_credential_and_grant(
+                conn, api_key=api_key, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+            )
+            record = None if found is None else found[0]
+            grant = None if found is None else (tenant_id, sub_tenant_id, found[1])
+    if cache is not None and generation is not None and record is not None:
+        cache.store_credential(generation, api_key, record)
+        if grant is not None:
+            cache.store_grant(generation, record.partner_pk, *grant)
+    return record, grant
 
 
 def require_tenant(tenant_id: str | None, sub_tenant_id: str | None) -> tuple[str, str]:
@@ -77,16 +110,21 @@ async def authorize_tenant(
     tenant_id: str,
     sub_tenant_id: str,
     known: tuple[str, str, bool] | None = None,
+    cache: AccessCache | None = None,
 ) -> None:
     """The partner must hold a grant for this tenant and sub-tenant (`known`: as read by
     authenticate for this request)."""
     if known is not None and known[:2] == (tenant_id, sub_tenant_id):
-        if not known[2]:
-            raise Forbidden()
-        return
-    async with db.read() as conn:
-        granted = await partners.has_grant(
-            conn, partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
-        )
+        granted: bool | None = known[2]
+    else:
+        granted = None if cache is None else cache.grant(partner_pk, tenant_id, sub_tenant_id)
+    if granted is None:
+        generation = None if cache is None else cache.generation
+        async with db.read() as conn:
+            granted = await partners.has_grant(
+                conn, partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+            )
+        if cache is not None and generation is not None:
+            cache.store_grant(generation, partner_pk, tenant_id, sub_tenant_id, granted)
     if not granted:
         raise Forbidden()

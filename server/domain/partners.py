@@ -1,4 +1,7 @@
-"""Managing partners: onboarding, grants, secrets. Used by the admin CLI."""
+"""Managing partners: onboarding, grants, secrets. Used by the admin CLI.
+
+Every change moves the access version in its own transaction, so that servers drop the
+credentials and grants they cache (server.domain.access_cache)."""
 
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ async def create_partner(
             rate_limit_per_minute=rate_limit_per_minute,
             now=now,
         )
+        await partners.bump_access_version(conn)
         return await _issue(conn, partner_pk=partner_pk, partner_id=partner_id, now=now)
 
 
@@ -53,6 +57,7 @@ async def rotate_secret(db: Database, *, partner_id: str) -> IssuedCredential:
     async with db.write() as conn:
         partner = await _require(conn, partner_id)
         await partners.revoke_credentials(conn, partner_pk=partner.pk, now=now)
+        await partners.bump_access_version(conn)
         return await _issue(conn, partner_pk=partner.pk, partner_id=partner_id, now=now)
 
 
@@ -60,34 +65,42 @@ async def set_enabled(db: Database, *, partner_id: str, enabled: bool) -> None:
     async with db.write() as conn:
         partner = await _require(conn, partner_id)
         await partners.update_partner(conn, partner_pk=partner.pk, enabled=enabled)
+        await partners.bump_access_version(conn)
 
 
 async def set_rate_limit(db: Database, *, partner_id: str, per_minute: int) -> None:
     async with db.write() as conn:
         partner = await _require(conn, partner_id)
         await partners.update_partner(conn, partner_pk=partner.pk, rate_limit_per_minute=per_minute)
+        await partners.bump_access_version(conn)
 
 
 async def grant(db: Database, *, partner_id: str, tenant_id: str, sub_tenant_id: str) -> bool:
     """Grant a tenant/sub-tenant (`*` = all); False if it was granted already."""
     async with db.write() as conn:
         partner = await _require(conn, partner_id)
-        return await partners.insert_grant(
+        granted = await partners.insert_grant(
             conn,
             partner_pk=partner.pk,
             tenant_id=tenant_id,
             sub_tenant_id=sub_tenant_id,
             now=datetime.now(UTC),
         )
+        if granted:
+            await partners.bump_access_version(conn)
+        return granted
 
 
 async def revoke(db: Database, *, partner_id: str, tenant_id: str, sub_tenant_id: str) -> bool:
     """Withdraw a grant; False if there was no such grant."""
     async with db.write() as conn:
         partner = await _require(conn, partner_id)
-        return await partners.delete_grant(
+        removed = await partners.delete_grant(
             conn, partner_pk=partner.pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
         )
+        if removed:
+            await partners.bump_access_version(conn)
+        return removed
 
 
 async def describe(db: Database) -> list[tuple[PartnerRecord, list[tuple[str, str]]]]:

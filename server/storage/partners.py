@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import Select, bindparam, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.models import Credential, Partner, TenantGrant
+from server.models import AccessVersion, Credential, Partner, TenantGrant
 
 WILDCARD = "*"
 
@@ -64,6 +64,25 @@ class PartnerRecord:
     enabled: bool
     rate_limit_per_minute: int | None
     created_at: datetime
+
+
+_ACCESS_VERSION = select(AccessVersion.version).where(AccessVersion.id == 1)
+
+
+async def access_version(conn: AsyncConnection) -> int | None:
+    """The access version (None when its row is missing: caches must not be trusted)."""
+    row = (await conn.execute(_ACCESS_VERSION)).first()
+    return None if row is None else int(row[0])
+
+
+async def bump_access_version(conn: AsyncConnection) -> None:
+    """Move the access version, in the transaction that changes a partner, credential or grant:
+    every server's credential cache is emptied once this commits."""
+    moved = await conn.execute(
+        update(AccessVersion).where(AccessVersion.id == 1).values(version=AccessVersion.version + 1)
+    )
+    if not moved.rowcount:
+        await conn.execute(insert(AccessVersion).values(id=1, version=1))
 
 
 async def find_active_credential(conn: AsyncConnection, *, api_key: str) -> CredentialRecord | None:

@@ -1,0 +1,108 @@
+"""Where a server's time goes under update load: py-spy against the running process.
+
+    .venv/bin/python -m tests.bench.profile_server [--seconds 15] [--connections 64] [--rest]
+
+Starts the single topology (fresh SQLite, one disposition-server, Envoy), ingests the bench
+customers, then samples the server with `py-spy record --format raw` (installed into the venv
+on first use) while h2load (gRPC direct) or wrk (`--rest`, through Envoy) drives updates. Prints
+the busiest functions by own samples and by inclusive samples, and where the raw folded stacks
+are (feed them to any flame graph renderer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from tests.bench import grpc_load, rest_load
+from tests.bench.stack import BIN, single_topology
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy", path=str(BIN))
+    if found is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+        found = str(BIN / "py-spy")
+    return found
+
+
+def summarize(folded: Path, top: int) -> str:
+    """Own and inclusive sample shares per function (`name (file:line)` frames)."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [_short(frame) for frame in stack.split(";")]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    lines = [f"{total} samples"]
+    for title, counter in (("own", own), ("inclusive", inclusive)):
+        lines.append(f"-- top {top} by {title} samples")
+        for frame, count in counter.most_common(top):
+            lines.append(f"{100 * count / total:6.1f}%  {frame}")
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    """`fn (path/to/file.py:12)` -> `fn (file.py)`: lines differ within one function."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(path).parts
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--rest", action="store_true", help="wrk through Envoy, not gRPC direct")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    args = parser.parse_args(argv)
+    py_spy = _py_spy()
+    workdir = Path(tempfile.mkdtemp(prefix="profile-"))
+    with ExitStack() as stack:
+        topology = single_topology(workdir, stack)
+        grpc_load.ingest(topology.grpc_port, topology.partner, args.customers)
+        folded = workdir / "server.folded"
+        record = [py_spy, "record", "-p", str(topology.pids[0]), "-d", str(args.seconds + 1),
+                  "-r", "250", "--format", "raw", "-o", str(folded), "--nonblocking"]  # fmt: skip
+        if args.gil:
+            record.append("--gil")
+        spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        common = {"partner": topology.partner, "customers": args.customers,
+                  "connections": args.connections, "seconds": args.seconds}  # fmt: skip
+        if args.rest:
+            result = rest_load.run_wrk(
+                http_port=topology.envoy.http_port, threads=os.cpu_count() or 1, tag="p", **common
+            )
+        else:
+            result = grpc_load.run_h2load(port=topology.grpc_port, workdir=workdir, tag="p",
+                                          **common)  # fmt: skip
+        _, err = spy.communicate(timeout=120)
+        if spy.returncode != 0:
+            print(err.decode(errors="replace"), file=sys.stderr)
+            return 1
+    print(f"load: {result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
+          f"errors {result['errors']}")  # fmt: skip
+    print(summarize(folded, args.top))
+    print(f"folded stacks: {folded}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
