@@ -36,9 +36,9 @@ UPDATE_PATH = "/disposition.v1.DispositionService/UpdateDispositionStatus"
 BATCH_SIZE = 1000
 
 
-def customer_id(index: int) -> str:
-    """Fixed width, so that every digit mix of two ids is another existing id below 10,000."""
-    return f"c{index:05d}"
+def customer_id(index: int, digits: int = 5) -> str:
+    """Fixed width (all bodies of a run are the same length, see BodyRotator)."""
+    return f"c{index:0{digits}d}"
 
 
 def _batch(start: int, count: int) -> ingestion_pb2.IngestBatchCallsRequest:
@@ -86,10 +86,10 @@ def ingest(port: int, partner: Partner, customers: int) -> dict[str, float]:
     }
 
 
-def sample_update(port: int, partner: Partner, status: str) -> str:
+def sample_update(port: int, partner: Partner, status: str, id_digits: int = 5) -> str:
     """One real UpdateDispositionStatus with grpcio: "OK", or the gRPC code and message."""
     request = disposition_pb2.UpdateDispositionStatusRequest(
-        customer_id=customer_id(0), disposition_status=status
+        customer_id=customer_id(0, id_digits), disposition_status=status
     )
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = disposition_grpc.DispositionServiceStub(channel)
@@ -113,8 +113,11 @@ def grpc_frame(customer: str, status: str) -> bytes:
 class BodyRotator:
     """Rewrites h2load's body file in place with fresh same-length bodies until stopped."""
 
-    def __init__(self, path: Path, customers: int, tag: str, interval: float = 0.0002) -> None:
+    def __init__(
+        self, path: Path, customers: int, tag: str, interval: float = 0.0002, digits: int = 5
+    ) -> None:
         self.path, self.customers, self.tag, self.interval = path, customers, tag, interval
+        self.digits = digits
         self.written = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -122,7 +125,7 @@ class BodyRotator:
 
     def _next(self) -> bytes:
         self.written += 1
-        customer = customer_id(random.randrange(self.customers))
+        customer = customer_id(random.randrange(self.customers), self.digits)
         return grpc_frame(customer, f"g{self.tag}-{self.written:08d}")
 
     def _run(self) -> None:
@@ -160,6 +163,7 @@ def run_h2load(
     workdir: Path,
     tag: str,
     customers: int,
+    id_digits: int = 5,
 ) -> dict[str, float]:
     """One h2load run of `seconds` with `connections` clients, one stream in flight each."""
     body, log_file = workdir / f"body-{tag}.bin", workdir / f"h2load-{tag}.tsv"
@@ -168,7 +172,7 @@ def run_h2load(
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv += ["-d", str(body), "--log-file", str(log_file), f"http://127.0.0.1:{port}{UPDATE_PATH}"]
-    with BodyRotator(body, customers, tag) as rotator:
+    with BodyRotator(body, customers, tag, digits=id_digits) as rotator:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=seconds + 60, check=False
         )

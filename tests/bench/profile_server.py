@@ -4,7 +4,8 @@
 
 Starts the single topology (fresh SQLite, one disposition-server, Envoy), ingests the bench
 customers, then samples the server with `py-spy record --format raw` (installed into the venv
-on first use) while h2load (gRPC direct) or wrk (`--rest`, through Envoy) drives updates. Prints
+on first use) while h2load (gRPC direct) or wrk (`--rest`, through Envoy) drives updates
+(`--noop`: the ceiling's no-op server instead, for comparison). Prints
 the busiest functions by own samples and by inclusive samples, and where the raw folded stacks
 are (feed them to any flame graph renderer).
 """
@@ -22,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.bench import grpc_load, rest_load
-from tests.bench.stack import BIN, single_topology
+from tests.bench.stack import BIN, ceiling_for, single_topology
 
 
 def _py_spy() -> str:
@@ -72,14 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest", action="store_true", help="wrk through Envoy, not gRPC direct")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument("--noop", action="store_true", help="profile the ceiling's no-op server")
     args = parser.parse_args(argv)
     py_spy = _py_spy()
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
     with ExitStack() as stack:
         topology = single_topology(workdir, stack)
         grpc_load.ingest(topology.grpc_port, topology.partner, args.customers)
+        pid, grpc_port, http_port = topology.pids[0], topology.grpc_port, topology.envoy.http_port
+        if args.noop:
+            ceiling = ceiling_for(topology, workdir, stack)
+            pid, grpc_port, http_port = ceiling.pids[0], ceiling.grpc_port, ceiling.envoy.http_port
         folded = workdir / "server.folded"
-        record = [py_spy, "record", "-p", str(topology.pids[0]), "-d", str(args.seconds + 1),
+        record = [py_spy, "record", "-p", str(pid), "-d", str(args.seconds + 1),
                   "-r", "250", "--format", "raw", "-o", str(folded), "--nonblocking"]  # fmt: skip
         if args.gil:
             record.append("--gil")
@@ -88,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                   "connections": args.connections, "seconds": args.seconds}  # fmt: skip
         if args.rest:
             result = rest_load.run_wrk(
-                http_port=topology.envoy.http_port, threads=os.cpu_count() or 1, tag="p", **common
+                http_port=http_port, threads=os.cpu_count() or 1, tag="p", **common
             )
         else:
-            result = grpc_load.run_h2load(port=topology.grpc_port, workdir=workdir, tag="p",
+            result = grpc_load.run_h2load(port=grpc_port, workdir=workdir, tag="p",
                                           **common)  # fmt: skip
         _, err = spy.communicate(timeout=120)
         if spy.returncode != 0:

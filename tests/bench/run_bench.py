@@ -50,7 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tests.bench import feed_batch, grpc_load, rest_load
+from tests.bench import feed_batch, grpc_load, rest_load, scale
 from tests.bench.stack import (
     RssSampler,
     Topology,
@@ -64,7 +64,7 @@ from tests.bench.stack import (
 )
 
 INSTALL_HINT = "apt-get install -y wrk nghttp2-client"
-SUITES = ("load", "feed", "batch")
+SUITES = ("load", "feed", "batch", "scale")
 FIGURES = (
     "requests_per_s",
     "p50_ms",
@@ -80,6 +80,10 @@ TARGETS: dict[str, dict[str, float | None]] = {
     "rest": {"requests_ratio_min": 0.90, "p99_ratio_max": 1.25},
     "grpc": {"requests_ratio_min": 0.85, "p99_ratio_max": None},
 }
+# Scale (issue 5): the large side's figures against the small side's, same run, alternating.
+SCALE_TARGETS = {"requests_ratio_min": 0.90, "p99_ratio_max": 1.20, "rss_mb_max": 150.0}
+# Absolute throughput targets on this machine (1,000-item batches, history rows written).
+THROUGHPUT_TARGETS = {"ingestion_calls_per_s": 20_000.0, "batch_update_items_per_s": 20_000.0}
 EXIT_BELOW_TARGET = 3
 
 
@@ -94,7 +98,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=SUITES,
         default=list(SUITES),
-        help="load: REST and gRPC updates; feed: change-feed latency; batch: batch updates",
+        help="load: REST and gRPC updates; feed: change-feed latency; batch: batch updates; "
+        "scale: the update load at --customers and at --scale-customers customers",
+    )
+    parser.add_argument(
+        "--scale-customers",
+        type=int,
+        default=1_000_000,
+        help="scale: customers (and history rows) of the large side",
     )
     parser.add_argument(
         "--topology",
@@ -327,6 +338,8 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
         extra["feed_latency"] = feed_suite(args, partner, watch_port, other_port)
     if "batch" in args.suites:
         extra["batch_update"] = batch_suite(args, topology)
+    if "scale" in args.suites:
+        extra["scale"] = scale_suite(args, workdir, stack)
     return {
         "machine": facts,
         "config": {
@@ -445,6 +458,131 @@ def batch_suite(args: argparse.Namespace, topology: Topology) -> dict[str, Any]:
     }
 
 
+def scale_suite(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str, Any]:
+    """The update load at --customers and at --scale-customers customers (seeded, see scale.py),
+    two stacks side by side, alternating run by run; the large side as a share of the small."""
+    sizes = {"small": args.customers, "large": args.scale_customers}
+    digits = len(str(max(sizes.values()) - 1))
+    connections = max(args.connections)
+    sides: dict[str, tuple[Side, Topology]] = {}
+    seeding: dict[str, float] = {}
+    for name, customers in sizes.items():
+        folder = workdir / f"scale-{name}"
+        folder.mkdir()
+
+        def seeded(db: Path, customers: int = customers, name: str = name) -> None:
+            seeding[name] = scale.seed(
+                db, customers=customers, digits=digits, tenant_id="bench-tenant",
+                sub_tenant_id="bench-sub",
+            )  # fmt: skip
+
+        topology = single_topology(folder, stack, seed=seeded)
+        progress(f"scale {name}: {customers} customers seeded in {seeding[name]} s")
+        sides[name] = (
+            Side(name, topology.envoy.http_port, topology.grpc_port, topology.servers,
+                 topology.envoy.admin_port, topology.history_rows, "disposition-server"),
+            topology,
+        )  # fmt: skip
+
+    def rest(side: Side, topology: Topology, seconds: int, tag: str) -> dict[str, float]:
+        return rest_load.run_wrk(
+            http_port=side.http_port, partner=topology.partner, connections=connections,
+            seconds=seconds, threads=os.cpu_count() or 1, tag=tag,
+            customers=sizes[side.name], id_digits=digits,
+        )  # fmt: skip
+
+    def grpc(side: Side, topology: Topology, seconds: int, tag: str) -> dict[str, float]:
+        return grpc_load.run_h2load(
+            port=side.grpc_port, partner=topology.partner, connections=connections,
+            seconds=seconds, workdir=workdir, tag=tag, customers=sizes[side.name],
+            id_digits=digits,
+        )  # fmt: skip
+
+    paths = {"rest_via_envoy_wrk": rest, "grpc_direct_h2load": grpc}
+    for name, run in paths.items():  # warm-up, discarded
+        for side, topology in sides.values():
+            measure(partial(run, side, topology, 2, f"x{name[0]}{side.name[0]}"), side=side)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {n: {p: [] for p in paths} for n in sizes}
+    for rep in range(args.repeats):
+        order = list(sides.values()) if rep % 2 == 0 else list(sides.values())[::-1]
+        for name, run in paths.items():
+            for side, topology in order:
+                tag = f"z{rep}{name[0]}{side.name[0]}"
+                ensure_running(side.servers, side.envoy_admin_port, side.what)
+                result: dict[str, Any] = measure(
+                    partial(run, side, topology, args.seconds, tag), side=side
+                )
+                if name.startswith("grpc"):
+                    result["sample_call"] = grpc_load.sample_update(
+                        side.grpc_port, topology.partner, f"s{tag}", id_digits=digits
+                    )
+                runs[side.name][name].append(result)
+                progress(
+                    f"scale {side.name} {name} c={connections} run {rep + 1}/{args.repeats}: "
+                    f"{result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
+                    f"RSS {result['server_rss_mb_peak']} MB, errors {result['errors']}"
+                )
+    summaries = {n: {p: summarize(r) for p, r in by_path.items()} for n, by_path in runs.items()}
+    comparison = {}
+    for name in paths:
+        small, large = summaries["small"][name], summaries["large"][name]
+        requests_ratio = round(large["requests_per_s"] / small["requests_per_s"], 3)
+        p99_ratio = round(large["p99_ms"] / small["p99_ms"], 3)
+        comparison[name] = {
+            "connections": connections,
+            "small_requests_per_s": small["requests_per_s"],
+            "large_requests_per_s": large["requests_per_s"],
+            "requests_ratio": requests_ratio,
+            "small_p99_ms": small["p99_ms"],
+            "large_p99_ms": large["p99_ms"],
+            "p99_ratio": p99_ratio,
+            "large_rss_mb_peak": large["server_rss_mb_peak"],
+            "errors": small["errors"] + large["errors"],
+            "pass": requests_ratio >= SCALE_TARGETS["requests_ratio_min"]
+            and p99_ratio <= SCALE_TARGETS["p99_ratio_max"]
+            and large["server_rss_mb_peak"] <= SCALE_TARGETS["rss_mb_max"]
+            and small["errors"] + large["errors"] == 0,
+        }
+    return {
+        "customers": sizes,
+        "history_rows_seeded": sizes,
+        "seeding_seconds": seeding,
+        "targets": SCALE_TARGETS,
+        "large_vs_small": comparison,
+        **summaries,
+    }
+
+
+def target_checks(report: dict[str, Any]) -> list[str]:
+    """Aligned lines for the scale and throughput targets (those measured in this run)."""
+    lines = []
+    scale_report = report.get("scale")
+    if scale_report:
+        for name, c in scale_report["large_vs_small"].items():
+            lines.append(
+                f"scale {name}: {c['large_requests_per_s']:.1f} req/s at "
+                f"{scale_report['customers']['large']:,} customers vs "
+                f"{c['small_requests_per_s']:.1f} at {scale_report['customers']['small']:,}: "
+                f"ratio {c['requests_ratio']:.3f} (min {SCALE_TARGETS['requests_ratio_min']}), "
+                f"p99 {c['large_p99_ms']:.1f} vs {c['small_p99_ms']:.1f} ms: ratio "
+                f"{c['p99_ratio']:.2f} (max {SCALE_TARGETS['p99_ratio_max']}), RSS "
+                f"{c['large_rss_mb_peak']:.0f} MB (max {SCALE_TARGETS['rss_mb_max']:.0f})  "
+                + ("pass" if c["pass"] else "BELOW TARGET")
+            )
+    measured = {
+        "ingestion_calls_per_s": report.get("ingestion", {}).get("calls_per_s"),
+        "batch_update_items_per_s": report.get("batch_update", {}).get("items_per_s"),
+    }
+    for name, value in measured.items():
+        if value is not None:
+            target = THROUGHPUT_TARGETS[name]
+            lines.append(
+                f"{name}: {value:,.0f} (min {target:,.0f})  "
+                + ("pass" if value >= target else "BELOW TARGET")
+            )
+    return lines
+
+
 ACCESS_LOG_LINE = re.compile(r'^\[\S+Z\] "')  # Envoy's per-request lines: no help here
 
 
@@ -482,20 +620,24 @@ def main(argv: list[str] | None = None) -> int:
             show_logs(Path(tmp))
             raise
     print(json.dumps(report, indent=2))
+    checks: list[str] = []
     vs_ceiling = report.get("vs_ceiling")
-    if not vs_ceiling:
-        return 0
-    table = ceiling_table(vs_ceiling)
-    misses = [line for line in table[1:] if line.endswith("BELOW TARGET")]
-    progress(
-        "real figures beside their no-op ceilings (medians; ratio = real / ceiling):\n"
-        + "\n".join(table)
-    )
-    if misses:
+    if vs_ceiling:
+        table = ceiling_table(vs_ceiling)
         progress(
-            f"{len(misses)} of {len(table) - 1} figures below target "
-            f"(req/s ratio >= min, p99 ratio <= max): exit {EXIT_BELOW_TARGET}"
+            "real figures beside their no-op ceilings (medians; ratio = real / ceiling):\n"
+            + "\n".join(table)
         )
+        checks += table[1:]
+    absolute = target_checks(report)
+    if absolute:
+        progress("scale and throughput targets:\n" + "\n".join(absolute))
+        checks += absolute
+    if not checks:
+        return 0
+    misses = [line for line in checks if line.endswith("BELOW TARGET")]
+    if misses:
+        progress(f"{len(misses)} of {len(checks)} figures below target: exit {EXIT_BELOW_TARGET}")
         return EXIT_BELOW_TARGET
     progress("every figure meets its target")
     return 0

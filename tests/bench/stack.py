@@ -234,11 +234,16 @@ class Topology:
         return [server.pid for server in self.servers]
 
 
-def single_topology(workdir: Path, stack: ExitStack) -> Topology:
-    """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server."""
+def single_topology(
+    workdir: Path, stack: ExitStack, seed: Callable[[Path], None] | None = None
+) -> Topology:
+    """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server.
+    `seed` gets the database file after the bench partner is made, before the server starts."""
     db = workdir / "bench.db"
     env = database_env(db)
     partner = create_partner(env)
+    if seed is not None:
+        seed(db)
     server, port = stack.enter_context(grpc_server(env, workdir / "server.log"))
     envoy = stack.enter_context(run_envoy(grpc_port=port, log_path=workdir / "envoy.log"))
     return Topology(

@@ -1,8 +1,8 @@
 -- wrk script for `make bench`: REST PUT /api/v1/partner/ingest/disposition-status through Envoy.
 --
---   wrk ... URL -- API_KEY API_SECRET TENANT SUB_TENANT CUSTOMERS RUN_TAG
+--   wrk ... URL -- API_KEY API_SECRET TENANT SUB_TENANT CUSTOMERS RUN_TAG [ID_DIGITS]
 --
--- Each request picks a random customer c00000..c<CUSTOMERS-1> and a status never sent before
+-- Each request picks a random customer c00000..c<CUSTOMERS-1> (ID_DIGITS digits, default 5) and a status never sent before
 -- ("w<run>-<thread>-<n>"), so every 200 is a real change that writes one history row.
 -- response() counts non-2xx replies per thread (wrk's own errors.status counts only >= 400);
 -- done() prints one line "BENCH_JSON {...}" with counts and latency percentiles (microseconds).
@@ -20,6 +20,7 @@ local counter = 0
 non_2xx = 0 -- global, so that done() can read it with thread:get()
 local customers
 local run_tag
+local id_format
 local headers
 
 function init(args)
@@ -32,14 +33,15 @@ function init(args)
   }
   customers = tonumber(args[5])
   run_tag = args[6]
+  id_format = "c%0" .. (args[7] or "5") .. "d"
   math.randomseed(os.time() * 1000 + thread_tag)
 end
 
 function request()
   counter = counter + 1
   local body = string.format(
-    '{"customer_id":"c%05d","disposition_status":"w%s-%d-%d"}',
-    math.random(0, customers - 1), run_tag, thread_tag, counter
+    '{"customer_id":"%s","disposition_status":"w%s-%d-%d"}',
+    string.format(id_format, math.random(0, customers - 1)), run_tag, thread_tag, counter
   )
   return wrk.format("PUT", nil, headers, body)
 end
