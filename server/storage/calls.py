@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Call
-from server.storage import dialect_insert
+from server.storage import bulk
 
 
 async def existing_call_ids(
@@ -28,6 +29,13 @@ async def existing_call_ids(
     return found
 
 
+_CALL_COLUMNS = (
+    "partner_pk", "call_id", "customer_pk", "tenant_id", "sub_tenant_id", "recording_url",
+    "start_time", "end_time", "contact_number", "agent_id", "agent_email", "agent_name",
+    "callback_url", "metadata", "custom_fields", "request_id", "created_at",
+)  # fmt: skip
+
+
 async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert calls; each dict has the columns of `calls` (metadata under `metadata`).
 
@@ -38,10 +46,41 @@ async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]])
     """
     if not rows:
         return set()
-    stmt = (
-        dialect_insert(conn.dialect.name)(Call)
-        .on_conflict_do_nothing(index_elements=[Call.partner_pk, Call.call_id])
-        .returning(Call.call_id)
+    times: dict[datetime, Any] = {}  # the rows of a batch share times (created_at at least)
+
+    def time(value: datetime) -> Any:
+        found = times.get(value)
+        if found is None:
+            found = times[value] = bulk.db_time(conn, value)
+        return found
+
+    inserted = await bulk.insert_rows(
+        conn,
+        "calls",
+        _CALL_COLUMNS,
+        [
+            (
+                r["partner_pk"],
+                r["call_id"],
+                r["customer_pk"],
+                r["tenant_id"],
+                r["sub_tenant_id"],
+                r["recording_url"],
+                time(r["start_time"]),
+                time(r["end_time"]),
+                r["contact_number"],
+                r["agent_id"],
+                r["agent_email"],
+                r["agent_name"],
+                r["callback_url"],
+                bulk.db_json(r["metadata"]),
+                bulk.db_json(r["custom_fields"]),
+                r["request_id"],
+                time(r["created_at"]),
+            )
+            for r in sorted(rows, key=lambda row: str(row["call_id"]))
+        ],
+        on_conflict_do_nothing=("partner_pk", "call_id"),
+        returning=("call_id",),
     )
-    result = await conn.execute(stmt, sorted(rows, key=lambda row: str(row["call_id"])))
-    return set(result.scalars())
+    return {call_id for (call_id,) in inserted}

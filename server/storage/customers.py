@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
-from server.storage import as_utc, dialect_insert, history
+from server.storage import as_utc, bulk, history
 
 # Hot-path statements are built once; only their parameters change per request.
 _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_status).where(
@@ -19,11 +19,6 @@ _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_
     Customer.customer_id == bindparam("customer_id"),
 )
 _FIND_CUSTOMER_FOR_UPDATE = _FIND_CUSTOMER.with_for_update()
-_SET_STATUS = (
-    update(Customer)
-    .where(Customer.id == bindparam("customer_pk"))
-    .values(disposition_status=bindparam("new_status"), updated_at=bindparam("now"))
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,28 +97,17 @@ async def insert_customers(
     """
     if not customers:
         return {}
-    stmt = (
-        dialect_insert(conn.dialect.name)(Customer)
-        .on_conflict_do_nothing(
-            index_elements=[Customer.tenant_id, Customer.sub_tenant_id, Customer.customer_id]
-        )
-        .returning(Customer.customer_id, Customer.id)
-    )
-    rows = await conn.execute(
-        stmt,
+    at = bulk.db_time(conn, now)
+    rows = await bulk.insert_rows(
+        conn,
+        "customers",
+        ("tenant_id", "sub_tenant_id", "customer_id", "name", "email", "created_at", "updated_at"),
         [
-            {
-                "tenant_id": tenant_id,
-                "sub_tenant_id": sub_tenant_id,
-                "customer_id": customer_id,
-                "name": name,
-                "email": email,
-                "disposition_status": None,
-                "created_at": now,
-                "updated_at": now,
-            }
+            (tenant_id, sub_tenant_id, customer_id, name, email, at, at)
             for customer_id, name, email in sorted(customers)
         ],
+        on_conflict_do_nothing=("tenant_id", "sub_tenant_id", "customer_id"),
+        returning=("customer_id", "id"),
     )
     return {customer_id: pk for customer_id, pk in rows}
 
@@ -189,32 +173,37 @@ async def append_changes(
         count = per_tenant[tenant_id]
         last_seq = await history.advance_cursor(conn, tenant_id=tenant_id, count=count)
         next_seq[tenant_id] = last_seq - count + 1
-    await conn.execute(
-        _SET_STATUS,
-        [
-            {"customer_pk": r.change.customer_pk, "new_status": r.change.new_status, "now": now}
-            for r in changes
-        ],
+    at = bulk.db_time(conn, now)
+    await bulk.execute_many(
+        conn,
+        "UPDATE customers SET disposition_status = ?, updated_at = ? WHERE id = ?",
+        [(r.change.new_status, at, r.change.customer_pk) for r in changes],
     )
     rows = []
     for r in changes:
         seq = next_seq[r.tenant_id]
         next_seq[r.tenant_id] = seq + 1
         rows.append(
-            {
-                "seq": seq,
-                "customer_pk": r.change.customer_pk,
-                "tenant_id": r.tenant_id,
-                "sub_tenant_id": r.sub_tenant_id,
-                "previous_status": r.change.previous_status,
-                "new_status": r.change.new_status,
-                "source": r.source,
-                "partner_pk": r.partner_pk,
-                "request_id": r.request_id,
-                "changed_at": now,
-            }
+            (
+                seq,
+                r.change.customer_pk,
+                r.tenant_id,
+                r.sub_tenant_id,
+                r.change.previous_status,
+                r.change.new_status,
+                r.source,
+                r.partner_pk,
+                r.request_id,
+                at,
+            )
         )
-    await conn.execute(insert(DispositionHistory), rows)
+    await bulk.execute_many(
+        conn,
+        "INSERT INTO disposition_history (seq, customer_pk, tenant_id, sub_tenant_id,"
+        " previous_status, new_status, source, partner_pk, request_id, changed_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
 
 
 # The customer's current status with the time of its latest change (ix_history_customer).
