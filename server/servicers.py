@@ -86,28 +86,26 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         )
         await _mark_replay(context, result)
         outcome = result.value
-        return disposition_pb2.BatchUpdateDispositionStatusResponse(
+        reply = disposition_pb2.BatchUpdateDispositionStatusResponse(
             success=True,
             data=disposition_pb2.BatchUpdateDispositionStatusResult(
                 ok=outcome.count(batch_updates.OK),
                 not_found=outcome.count(batch_updates.NOT_FOUND),
                 invalid=outcome.count(batch_updates.INVALID),
                 changed=outcome.changed,
-                items=[
-                    disposition_pb2.DispositionStatusUpdateOutcome(
-                        index=item.index,
-                        customer_id=item.customer_id,
-                        status=item.status,
-                        changed=item.changed,
-                        errors=[
-                            disposition_pb2.FieldError(field=field, message=message)
-                            for field, message in item.errors
-                        ],
-                    )
-                    for item in outcome.items
-                ],
             ),
         )
+        add = reply.data.items.add  # in place: no message copied per item
+        for item in outcome.items:
+            added = add(
+                index=item.index,
+                customer_id=item.customer_id,
+                status=item.status,
+                changed=item.changed,
+            )
+            for field, message in item.errors:
+                added.errors.add(field=field, message=message)
+        return reply
 
     async def ListDispositions(
         self,
@@ -213,24 +211,24 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
         )
         await _mark_replay(context, result)
         outcome = result.value
-        return ingestion_pb2.IngestBatchCallsResponse(
+        reply = ingestion_pb2.IngestBatchCallsResponse(
             success=True,
             data=ingestion_pb2.IngestBatchCallsResult(
                 created_calls=outcome.count("created"),
                 duplicate_calls=outcome.count("duplicate"),
                 created_customers=outcome.created_customers,
-                items=[
-                    ingestion_pb2.BatchCallOutcome(
-                        index=item.index,
-                        call_id=item.call_id,
-                        customer_id=item.customer_id,
-                        status=item.status,
-                        customer_created=item.customer_created,
-                    )
-                    for item in outcome.items
-                ],
             ),
         )
+        add = reply.data.items.add  # in place: no message copied per item
+        for item in outcome.items:
+            add(
+                index=item.index,
+                call_id=item.call_id,
+                customer_id=item.customer_id,
+                status=item.status,
+                customer_created=item.customer_created,
+            )
+        return reply
 
 
 def _idempotency_key() -> str | None:

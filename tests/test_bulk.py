@@ -73,3 +73,22 @@ async def test_statements_are_split_below_the_parameter_limit(db: Database) -> N
 def test_json_values_match_json_dumps() -> None:
     assert bulk.db_json({}) == "{}" and bulk.db_json([]) == "[]"
     assert bulk.db_json({"a": "é"}) == '{"a": "\\u00e9"}'
+
+
+async def test_select_in_reads_every_chunk(db: Database) -> None:
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    async with db.write() as conn:
+        await bulk.insert_rows(
+            conn,
+            "customers",
+            ("tenant_id", "sub_tenant_id", "customer_id", "created_at", "updated_at"),
+            [("t", "s", f"c{n}", bulk.db_time(conn, at), bulk.db_time(conn, at)) for n in range(7)],
+        )
+        found = await bulk.select_in(
+            conn,
+            "SELECT customer_id FROM customers WHERE tenant_id = ? AND customer_id IN ({in})",
+            ("t",),
+            ["c0", "c2", "c3", "nobody", "c6"],
+            chunk=2,
+        )
+    assert sorted(found) == [("c0",), ("c2",), ("c3",), ("c6",)]

@@ -27,7 +27,9 @@ METHOD = "disposition.v1.DispositionService/BatchUpdateDispositionStatus"  # ide
 OK, NOT_FOUND, INVALID = "ok", "not_found", "invalid"
 
 
-@dataclass(frozen=True, slots=True)
+# UpdateItem and ItemOutcome are made a thousand per batch: not frozen, because a frozen
+# dataclass takes about three times as long to make. Nothing mutates them.
+@dataclass(slots=True)
 class UpdateItem:
     """One update; the same rules as a single update (None: unchanged, "": cleared)."""
 
@@ -35,7 +37,7 @@ class UpdateItem:
     disposition_status: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ItemOutcome:
     index: int
     customer_id: str

@@ -20,7 +20,9 @@ METHOD = "disposition.v1.CallIngestionService/IngestBatchCalls"  # for idempoten
 _ATTEMPTS = 3  # a batch racing another one for the same call ids starts over (PostgreSQL)
 
 
-@dataclass(frozen=True, slots=True)
+# The inputs and outcomes below are made a thousand per batch: not frozen, because a frozen
+# dataclass takes about three times as long to make. Nothing mutates them.
+@dataclass(slots=True)
 class CallInput:
     id: str
     recording_url: str
@@ -29,14 +31,14 @@ class CallInput:
     contact_number: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AgentInput:
     id: str
     email: str = ""
     name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CustomerInput:
     id: str
     name: str = ""
@@ -44,7 +46,7 @@ class CustomerInput:
     disposition_status: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchItem:
     call: CallInput | None
     agent: AgentInput | None
@@ -54,7 +56,7 @@ class BatchItem:
     custom_fields: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ItemOutcome:
     index: int
     call_id: str

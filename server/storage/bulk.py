@@ -83,13 +83,41 @@ async def insert_rows(
     return found
 
 
+async def select_in(
+    conn: AsyncConnection,
+    statement: str,
+    params: Sequence[Any],
+    values: Sequence[Any],
+    *,
+    suffix: str = "",
+    chunk: int = 500,
+) -> list[tuple[Any, ...]]:
+    """Rows of `statement` (`?` placeholders for `params`, then `IN ({in})` where the text says
+    `{in}`), for `values` in chunks of `chunk`, with `suffix` after each chunk's statement."""
+    found: list[tuple[Any, ...]] = []
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
+        text = statement.replace("{in}", ", ".join("?" * len(part))) + suffix
+        found.extend(tuple(row) for row in await _execute(conn, text, (*params, *part)))
+    return found
+
+
+def _numbered(conn: AsyncConnection, statement: str) -> str:
+    """`?` placeholders as the driver wants them ($1, $2, ... with asyncpg)."""
+    if conn.dialect.paramstyle == "numeric_dollar":
+        parts = statement.split("?")
+        return "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
+    return statement
+
+
+async def _execute(conn: AsyncConnection, statement: str, params: Sequence[Any]) -> Any:
+    return await conn.exec_driver_sql(_numbered(conn, statement), tuple(params))
+
+
 async def execute_many(
     conn: AsyncConnection, statement: str, rows: Sequence[Sequence[Any]]
 ) -> None:
     """One statement (with `?` placeholders, numbered for asyncpg) run for every row."""
     if not rows:
         return
-    if conn.dialect.paramstyle == "numeric_dollar":
-        parts = statement.split("?")
-        statement = "".join(f"{part}${n}" for n, part in enumerate(parts[:-1], 1)) + parts[-1]
-    await conn.exec_driver_sql(statement, list(rows))
+    await conn.exec_driver_sql(_numbered(conn, statement), list(rows))

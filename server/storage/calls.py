@@ -6,10 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.models import Call
 from server.storage import bulk
 
 
@@ -17,16 +15,13 @@ async def existing_call_ids(
     conn: AsyncConnection, *, partner_pk: int, call_ids: Sequence[str]
 ) -> set[str]:
     """The ids among call_ids that this partner has already ingested."""
-    found: set[str] = set()
-    unique = sorted(set(call_ids))
-    for start in range(0, len(unique), 500):
-        rows = await conn.execute(
-            select(Call.call_id).where(
-                Call.partner_pk == partner_pk, Call.call_id.in_(unique[start : start + 500])
-            )
-        )
-        found.update(rows.scalars())
-    return found
+    rows = await bulk.select_in(
+        conn,
+        "SELECT call_id FROM calls WHERE partner_pk = ? AND call_id IN ({in})",
+        (partner_pk,),
+        sorted(set(call_ids)),
+    )
+    return {call_id for (call_id,) in rows}
 
 
 _CALL_COLUMNS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -21,15 +22,15 @@ _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_
 _FIND_CUSTOMER_FOR_UPDATE = _FIND_CUSTOMER.with_for_update()
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerState:
+# The row records below are NamedTuples: a batch builds thousands of them, and a frozen
+# dataclass takes about three times as long to make.
+class CustomerState(NamedTuple):
     pk: int
     customer_id: str
     disposition_status: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class StatusChange:
+class StatusChange(NamedTuple):
     """One history row to append."""
 
     customer_pk: int
@@ -60,23 +61,16 @@ async def lock_customers(
     conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_ids: Sequence[str]
 ) -> dict[str, CustomerState]:
     """find_customer(for_update=True) for many ids; missing ids are absent from the result."""
-    found: dict[str, CustomerState] = {}
-    unique = sorted(set(customer_ids))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        stmt = (
-            select(Customer.id, Customer.customer_id, Customer.disposition_status)
-            .where(
-                Customer.tenant_id == tenant_id,
-                Customer.sub_tenant_id == sub_tenant_id,
-                Customer.customer_id.in_(chunk),
-            )
-            .order_by(Customer.id)
-            .with_for_update()
-        )
-        for row in await conn.execute(stmt):
-            found[row.customer_id] = CustomerState(*row)
-    return found
+    rows = await bulk.select_in(
+        conn,
+        "SELECT id, customer_id, disposition_status FROM customers"
+        " WHERE tenant_id = ? AND sub_tenant_id = ? AND customer_id IN ({in}) ORDER BY id",
+        (tenant_id, sub_tenant_id),
+        sorted(set(customer_ids)),
+        # SQLite: the writer's BEGIN IMMEDIATE already holds the database's write lock.
+        suffix=" FOR UPDATE" if conn.dialect.name == "postgresql" else "",
+    )
+    return {customer_id: CustomerState(pk, customer_id, status) for pk, customer_id, status in rows}
 
 
 async def insert_customers(
@@ -146,8 +140,7 @@ async def apply_status_changes(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedChange:
+class RecordedChange(NamedTuple):
     """A status change with what its history row records about who made it."""
 
     change: StatusChange
