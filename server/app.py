@@ -62,9 +62,10 @@ class App:
             if settings.access_cache_seconds > 0
             else None
         )
+        self.request_ids = RequestIdInterceptor(self.metrics)
         self.server = grpc.aio.server(
             interceptors=[
-                RequestIdInterceptor(self.metrics),
+                self.request_ids,
                 AuthInterceptor(db, self.access_cache),
                 TenantInterceptor(db, self.access_cache),
                 RateLimitInterceptor(

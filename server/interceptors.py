@@ -8,12 +8,13 @@ and handlers raise domain errors; both surface in `_translate_errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
@@ -39,7 +40,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Rpc: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 Behavior: TypeAlias = Callable[[Any, "Rpc"], Awaitable[Any]]
-StreamBehavior: TypeAlias = Callable[[Any, "Rpc"], AsyncIterator[Any]]
+StreamBehavior: TypeAlias = Callable[[Any, "Rpc"], AsyncGenerator[Any, None]]
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -62,6 +63,9 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
+        # The wrapped handler of each method's handler, made once (the wrappers read the
+        # request's context from the contextvar, nothing per call is baked into them).
+        self._wrapped: dict[Handler, Handler] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -78,6 +82,12 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or _is_exempt(handler_call_details):
             return handler
+        wrapped = self._wrapped.get(handler)
+        if wrapped is None:
+            wrapped = self._wrapped[handler] = self._wrap(handler)
+        return wrapped
+
+    def _wrap(self, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _translate_errors(cast(Behavior, handler.unary_unary), self.metrics),
@@ -131,14 +141,18 @@ def _translate_errors(behavior: Behavior, metrics: Metrics | None) -> Behavior:
 
 
 def _translate_stream_errors(behavior: StreamBehavior, metrics: Metrics | None) -> StreamBehavior:
-    async def wrapper(request: Any, rpc: Rpc) -> AsyncIterator[Any]:
+    async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
         ctx = context.get()
         try:
             if isinstance(request, _Undecodable):
                 raise MalformedRequest()
-            async for response in behavior(request, rpc):
-                yield response
-        except asyncio.CancelledError:  # the client went away (a watcher disconnecting)
+            # aclosing: the handler's stream ends (its finally blocks run) with this one.
+            async with contextlib.aclosing(behavior(request, rpc)) as responses:
+                async for response in responses:
+                    yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away (a watcher disconnecting): cancelled while the handler
+            # waited, or closed by grpc while this stream waited to send.
             _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
             raise
         except Exception as exc:
@@ -191,20 +205,30 @@ def _log_rpc(
         )
 
 
+async def _refuse(_request: Any, _rpc: Rpc) -> Any:
+    raise _refusal_of(context.get())
+
+
+async def _refuse_stream(_request: Any, _rpc: Rpc) -> AsyncIterator[Any]:
+    raise _refusal_of(context.get())
+    yield  # a generator, like the handler it stands in for
+
+
+def _refusal_of(ctx: RequestContext) -> Exception:
+    assert ctx.refusal is not None
+    return ctx.refusal
+
+
+# One handler of each kind for every refusal (the error travels in the request's context), so
+# that RequestIdInterceptor's cache of wrapped handlers stays one entry per method.
+_REFUSE: Handler = grpc.unary_unary_rpc_method_handler(_refuse)
+_REFUSE_STREAM: Handler = grpc.unary_stream_rpc_method_handler(_refuse_stream)
+
+
 def _refusal(error: ServiceError, method: str) -> Handler:
     """A handler of the method's kind that fails with `error` (surfaced by _translate_errors)."""
-    if _is_server_streaming(method):
-
-        async def refuse_stream(_request: Any, _rpc: Rpc) -> AsyncIterator[Any]:
-            raise error
-            yield  # a generator, like the handler it stands in for
-
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-
-    async def refuse(_request: Any, _rpc: Rpc) -> Any:
-        raise error
-
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    context.get().refusal = error
+    return _REFUSE_STREAM if _is_server_streaming(method) else _REFUSE
 
 
 @functools.cache

@@ -400,3 +400,23 @@ async def test_empty_partner_id_header_counts_as_absent(
         update_request("c1", "x"), metadata=partner.metadata(x_partner_id="")
     )
     assert reply.success
+
+
+async def test_refusals_do_not_grow_the_wrapped_handler_cache(
+    app: App, dispositions: Any, ingestion: Any, partner: Credentials
+) -> None:
+    """Every refusal shares one handler; the interceptor keeps one wrapped handler per method."""
+    await ingest(ingestion, partner, "c1")
+    wrong = Credentials("123", partner.api_key, "wrong-secret").metadata()
+    other_tenant = partner.metadata(x_tenant_id="tenant9")
+    for metadata in [wrong, other_tenant] * 20:
+        error = await fail(
+            dispositions.UpdateDispositionStatus(update_request("c1", "x"), metadata=metadata)
+        )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    for status in ("a", "b"):
+        await dispositions.UpdateDispositionStatus(
+            update_request("c1", status), metadata=partner.metadata()
+        )
+    # IngestBatchCalls, UpdateDispositionStatus and the one shared refusal handler.
+    assert len(app.request_ids._wrapped) == 3
