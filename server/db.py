@@ -9,9 +9,12 @@ PostgreSQL uses one pooled engine for both; writers lock the rows they change.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine, make_url
@@ -20,8 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from server import schema
 from server.schema import SchemaOutdated
 from server.settings import Settings
+from server.storage.sqlite_writer import SqliteWriter
 
 __all__ = ["Database", "SchemaOutdated"]
+
+T = TypeVar("T")
 
 
 class Database:
@@ -48,6 +54,12 @@ class Database:
             # Readers run each statement in its own implicit transaction (no BEGIN round trip):
             # every hot-path read is a single statement.
             _sqlite_pragmas(self.reader.sync_engine, settings, begin=None)
+            # Group commits run whole in a thread of their own (a file database only).
+            self.sqlite_writer = (
+                SqliteWriter(path, synchronous=settings.sqlite_synchronous)
+                if path is not None
+                else None
+            )
         else:
             # `?search_path=<schema>` is ours, not asyncpg's: it becomes a server setting.
             url = make_url(settings.database_url).difference_update_query(["search_path"])
@@ -62,19 +74,39 @@ class Database:
                 connect_args={"server_settings": server_settings},
             )
             self.reader = self.writer
+            self.sqlite_writer = None
         self._commit_listeners: list[Callable[[], None]] = []
+        # SQLite: one writer at a time in this process, whichever connection it uses.
+        self._write_lock: asyncio.Lock | None = None
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every successful write() commit of this process."""
         self._commit_listeners.append(listener)
 
+    def _lock(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        if self.sqlite_writer is None:
+            return contextlib.nullcontext()
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        return self._write_lock
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that commits on success (before the caller replies) or rolls back."""
-        async with self.writer.begin() as conn:
+        async with self._lock(), self.writer.begin() as conn:
             yield conn
         for listener in self._commit_listeners:
             listener()
+
+    async def write_in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite: `work(conn)` as one transaction in the writer's thread (sqlite_writer.py),
+        committed before this returns."""
+        assert self.sqlite_writer is not None
+        async with self._lock():
+            result = await self.sqlite_writer.transaction(work)
+        for listener in self._commit_listeners:
+            listener()
+        return result
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -118,6 +150,8 @@ class Database:
         return make_url(self.settings.database_url).render_as_string(hide_password=True)
 
     async def dispose(self) -> None:
+        if self.sqlite_writer is not None:
+            await self.sqlite_writer.close()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()

@@ -135,15 +135,30 @@ async def test_a_failed_group_commit_fails_every_update_in_it_and_acknowledges_n
     await ingest(ingestion, partner, *customers_)
     groups = record_groups(app)
     failed: list[list[str]] = []
-    real_append = update_groups.customers.append_changes
 
-    async def append_or_fail(conn: Any, changes: Sequence[Any], *, now: Any) -> None:
-        await real_append(conn, changes, now=now)  # the writes happen, then the commit fails
+    def fail_if_grouped(changes: Sequence[Any]) -> None:
         if len(changes) >= 2:
             failed.append([c.request_id for c in changes])
             raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(update_groups.customers, "append_changes", append_or_fail)
+    # The writes happen, then the transaction fails. SQLite files: the group runs whole in the
+    # writer's thread (sqlite_writer.py); PostgreSQL: through the async connection.
+    if app.db.sqlite_writer is not None:
+        real_sync = update_groups.sqlite_writer.append_changes
+
+        def sync_append_or_fail(conn: Any, changes: Sequence[Any], *, now: Any) -> None:
+            real_sync(conn, changes, now=now)
+            fail_if_grouped(changes)
+
+        monkeypatch.setattr(update_groups.sqlite_writer, "append_changes", sync_append_or_fail)
+    else:
+        real_append = update_groups.customers.append_changes
+
+        async def append_or_fail(conn: Any, changes: Sequence[Any], *, now: Any) -> None:
+            await real_append(conn, changes, now=now)
+            fail_if_grouped(changes)
+
+        monkeypatch.setattr(update_groups.customers, "append_changes", append_or_fail)
     results = await asyncio.gather(
         *(
             outcome(

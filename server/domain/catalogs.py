@@ -71,6 +71,11 @@ UNRESTRICTED = Catalog(SCOPE_NONE, ())
 async def load(conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str) -> Catalog:
     """The catalog in force, read on `conn` (a writer's own transaction) in one query."""
     found = await catalogs.effective_catalog(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
+    return in_force(found)
+
+
+def in_force(found: catalogs.EffectiveCatalog) -> Catalog:
+    """The Catalog of an effective_catalog read."""
     if found.sub_tenant_id is None:
         return UNRESTRICTED
     scope = SCOPE_TENANT if found.sub_tenant_id == TENANT_WIDE else SCOPE_SUB_TENANT

@@ -16,17 +16,19 @@ gets that error and none is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import Database
 from server.domain import catalogs
 from server.errors import CustomerNotFound, ServiceError
-from server.storage import customers
+from server.storage import customers, sqlite_writer
 from server.storage.customers import CustomerState, RecordedChange, StatusChange
 
 # At most this many updates per transaction (a lock_customers chunk).
@@ -92,8 +94,11 @@ class UpdateGroups:
             try:
                 if self.on_group is not None:
                     self.on_group(group)
-                async with self.db.write() as conn:
-                    outcomes = await _apply(conn, group)
+                if self.db.sqlite_writer is not None:
+                    outcomes = await self.db.write_in_thread(partial(_apply_sqlite, group=group))
+                else:
+                    async with self.db.write() as conn:
+                        outcomes = await _apply(conn, group)
             except Exception as exc:  # the transaction failed: nobody in it is acknowledged
                 # Each request's interceptor logs it (unexpected errors with its request id).
                 for update in group:
@@ -126,24 +131,68 @@ def groups_of(db: Database) -> UpdateGroups:
     return found
 
 
+def _scopes(group: Sequence[PendingUpdate]) -> list[tuple[tuple[str, str], list[str], bool]]:
+    """Each tenant scope of the group in one order for every writer (PostgreSQL row locks: no
+    lock cycles), with its customer ids and whether it needs its catalog."""
+    found: list[tuple[tuple[str, str], list[str], bool]] = []
+    for scope in sorted({(u.tenant_id, u.sub_tenant_id) for u in group}):
+        members = [u for u in group if (u.tenant_id, u.sub_tenant_id) == scope]
+        found.append(
+            (
+                scope,
+                [u.customer_id for u in members],
+                any(u.new_status is not None for u in members),
+            )
+        )
+    return found
+
+
 async def _apply(conn: AsyncConnection, group: Sequence[PendingUpdate]) -> list[bool | Exception]:
     """Judge and apply the group in arrival order on `conn` (inside its transaction)."""
-    scopes = sorted({(u.tenant_id, u.sub_tenant_id) for u in group})
     known: dict[tuple[str, str], dict[str, CustomerState]] = {}
     allowed: dict[tuple[str, str], catalogs.Catalog] = {}
-    for scope in scopes:  # one order for every writer (PostgreSQL row locks): no lock cycles
+    for scope, customer_ids, needs_catalog in _scopes(group):
         tenant_id, sub_tenant_id = scope
-        members = [u for u in group if (u.tenant_id, u.sub_tenant_id) == scope]
-        if any(u.new_status is not None for u in members):
+        if needs_catalog:
             allowed[scope] = await catalogs.load(
                 conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
             )
         known[scope] = await customers.lock_customers(
-            conn,
-            tenant_id=tenant_id,
-            sub_tenant_id=sub_tenant_id,
-            customer_ids=[u.customer_id for u in members],
+            conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_ids=customer_ids
         )
+    outcomes, changes = _judge(group, allowed, known)
+    await customers.append_changes(conn, changes, now=datetime.now(UTC))
+    return outcomes
+
+
+def _apply_sqlite(
+    conn: sqlite3.Connection, group: Sequence[PendingUpdate]
+) -> list[bool | Exception]:
+    """_apply, as one function run in the SQLite writer's thread (server.storage.sqlite_writer)."""
+    known: dict[tuple[str, str], dict[str, CustomerState]] = {}
+    allowed: dict[tuple[str, str], catalogs.Catalog] = {}
+    for scope, customer_ids, needs_catalog in _scopes(group):
+        tenant_id, sub_tenant_id = scope
+        if needs_catalog:
+            allowed[scope] = catalogs.in_force(
+                sqlite_writer.effective_catalog(
+                    conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+                )
+            )
+        known[scope] = sqlite_writer.lock_customers(
+            conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_ids=customer_ids
+        )
+    outcomes, changes = _judge(group, allowed, known)
+    sqlite_writer.append_changes(conn, changes, now=datetime.now(UTC))
+    return outcomes
+
+
+def _judge(
+    group: Sequence[PendingUpdate],
+    allowed: dict[tuple[str, str], catalogs.Catalog],
+    known: dict[tuple[str, str], dict[str, CustomerState]],
+) -> tuple[list[bool | Exception], list[RecordedChange]]:
+    """Each update's outcome in arrival order, and the changes to record."""
     current: dict[tuple[str, str, str], str | None] = {}
     changes: list[RecordedChange] = []
     outcomes: list[bool | Exception] = []
@@ -175,5 +224,4 @@ async def _apply(conn: AsyncConnection, group: Sequence[PendingUpdate]) -> list[
             )
         )
         outcomes.append(True)
-    await customers.append_changes(conn, changes, now=datetime.now(UTC))
-    return outcomes
+    return outcomes, changes

@@ -158,45 +158,49 @@ async def append_changes(
     row, with the next change-feed cursors of its tenant. Three statements per tenant at most."""
     if not changes:
         return
-    per_tenant: dict[str, int] = {}
-    for recorded in changes:
-        per_tenant[recorded.tenant_id] = per_tenant.get(recorded.tenant_id, 0) + 1
     next_seq: dict[str, int] = {}
-    for tenant_id in sorted(per_tenant):  # one order for every writer: no lock cycles
-        count = per_tenant[tenant_id]
+    for tenant_id, count in changes_per_tenant(changes):
         last_seq = await history.advance_cursor(conn, tenant_id=tenant_id, count=count)
         next_seq[tenant_id] = last_seq - count + 1
     at = bulk.db_time(conn, now)
-    await bulk.execute_many(
-        conn,
-        "UPDATE customers SET disposition_status = ?, updated_at = ? WHERE id = ?",
-        [(r.change.new_status, at, r.change.customer_pk) for r in changes],
-    )
-    rows = []
+    await bulk.execute_many(conn, SET_STATUS_SQL, status_rows(changes, at))
+    await bulk.execute_many(conn, INSERT_HISTORY_SQL, history_rows(changes, next_seq, at))
+
+
+# The statements of append_changes (also run by sqlite_writer.append_changes).
+SET_STATUS_SQL = "UPDATE customers SET disposition_status = ?, updated_at = ? WHERE id = ?"
+INSERT_HISTORY_SQL = (
+    "INSERT INTO disposition_history (seq, customer_pk, tenant_id, sub_tenant_id,"
+    " previous_status, new_status, source, partner_pk, request_id, changed_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def changes_per_tenant(changes: Sequence[RecordedChange]) -> list[tuple[str, int]]:
+    """(tenant, number of changes), in one order for every writer: no lock cycles."""
+    per_tenant: dict[str, int] = {}
+    for recorded in changes:
+        per_tenant[recorded.tenant_id] = per_tenant.get(recorded.tenant_id, 0) + 1
+    return sorted(per_tenant.items())
+
+
+def status_rows(changes: Sequence[RecordedChange], at: object) -> list[tuple[object, ...]]:
+    """SET_STATUS_SQL's parameters: the new status of each change."""
+    return [(r.change.new_status, at, r.change.customer_pk) for r in changes]
+
+
+def history_rows(
+    changes: Sequence[RecordedChange], next_seq: dict[str, int], at: object
+) -> list[tuple[object, ...]]:
+    """INSERT_HISTORY_SQL's parameters; `next_seq`: each tenant's first cursor (consumed)."""
+    rows: list[tuple[object, ...]] = []
     for r in changes:
         seq = next_seq[r.tenant_id]
         next_seq[r.tenant_id] = seq + 1
-        rows.append(
-            (
-                seq,
-                r.change.customer_pk,
-                r.tenant_id,
-                r.sub_tenant_id,
-                r.change.previous_status,
-                r.change.new_status,
-                r.source,
-                r.partner_pk,
-                r.request_id,
-                at,
-            )
-        )
-    await bulk.execute_many(
-        conn,
-        "INSERT INTO disposition_history (seq, customer_pk, tenant_id, sub_tenant_id,"
-        " previous_status, new_status, source, partner_pk, request_id, changed_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+        rows.append((seq, r.change.customer_pk, r.tenant_id, r.sub_tenant_id,
+                     r.change.previous_status, r.change.new_status, r.source, r.partner_pk,
+                     r.request_id, at))  # fmt: skip
+    return rows
 
 
 # The customer's current status with the time of its latest change (ix_history_customer).
