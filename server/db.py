@@ -4,6 +4,10 @@ SQLite (the embedded default) gets one writer connection whose transactions
 start with `BEGIN IMMEDIATE`, so concurrent writers queue in the pool instead
 of failing with "database is locked" or sleeping in SQLite's busy handler, and
 a small pool of read-only connections that never block on the writer (WAL).
+Group commits of single updates write through a second connection in a thread
+of its own (`write_in_thread`, storage/sqlite_writer.py); one lock covers both
+writer connections, so they still queue in this process instead of meeting on
+SQLite's file lock.
 PostgreSQL uses one pooled engine for both; writers lock the rows they change.
 """
 

@@ -7,6 +7,9 @@ applies it in arrival order inside one transaction (a handful of statements for 
 group: the catalogs and customers of each tenant scope, the cursors, one UPDATE, one INSERT),
 commits, and only then answers each update. While a group commits, the next one gathers.
 
+On a SQLite file the whole transaction is one function run in the database's writer thread
+(`_apply_sqlite`, server/storage/sqlite_writer.py): one round trip instead of a few per statement.
+
 Durability is unchanged: nobody is answered before the commit that holds their change. An
 update that is wrong on its own (unknown customer, status outside the catalog) fails alone and
 the rest of its group applies; when the transaction itself fails, every update in the group
