@@ -29,7 +29,7 @@ _HAS_OWN = exists().where(
     _ENTRY.tenant_id == bindparam("tenant_id"),
     _ENTRY.sub_tenant_id == bindparam("sub_tenant_id"),
 )
-_EFFECTIVE = (
+EFFECTIVE_CATALOG = (
     select(_ENTRY.sub_tenant_id, *_COLUMNS)
     .where(
         _ENTRY.tenant_id == bindparam("tenant_id"),
@@ -74,9 +74,8 @@ async def effective_catalog(
     conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str
 ) -> EffectiveCatalog:
     """The sub-tenant's own catalog, else the tenant-wide one, else none (one query)."""
-    rows = (
-        await conn.execute(_EFFECTIVE, {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id})
-    ).all()
+    params = {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id}
+    rows = (await conn.execute(EFFECTIVE_CATALOG, params)).all()
     if not rows:
         return EffectiveCatalog(None, [])
     return EffectiveCatalog(rows[0][0], [Disposition(*row[1:]) for row in rows])

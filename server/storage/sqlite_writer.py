@@ -40,7 +40,7 @@ def _compiled(statement: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
 
 # The catalog query is involved (the sub-tenant's own catalog, else the tenant-wide one):
 # compiled from the very Core statement that storage.catalogs runs, not written twice.
-_EFFECTIVE_SQL, _EFFECTIVE_ORDER, _EFFECTIVE_DEFAULTS = _compiled(catalog_storage._EFFECTIVE)
+_EFFECTIVE_SQL, _EFFECTIVE_ORDER, _EFFECTIVE_DEFAULTS = _compiled(catalog_storage.EFFECTIVE_CATALOG)
 
 
 class SqliteWriter:
@@ -66,10 +66,11 @@ class SqliteWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = work(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # the work or the COMMIT itself failed
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
