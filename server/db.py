@@ -99,8 +99,7 @@ class Database:
         """A transaction that commits on success (before the caller replies) or rolls back."""
         async with self._lock(), self.writer.begin() as conn:
             yield conn
-        for listener in self._commit_listeners:
-            listener()
+        self._committed()
 
     async def write_in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """SQLite: `work(conn)` as one transaction in the writer's thread (sqlite_writer.py),
@@ -108,9 +107,12 @@ class Database:
         assert self.sqlite_writer is not None
         async with self._lock():
             result = await self.sqlite_writer.transaction(work)
+        self._committed()
+        return result
+
+    def _committed(self) -> None:
         for listener in self._commit_listeners:
             listener()
-        return result
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -69,7 +69,7 @@ async def _read_access(
     cache: AccessCache | None,
 ) -> tuple[CredentialRecord | None, tuple[str, str, bool] | None]:
     """The key's active credential and (for a tenant) its partner's grant, from the database."""
-    generation = None if cache is None else cache.generation
+    generation = 0 if cache is None else cache.generation
     async with db.read() as conn:
         if tenant is None:
             record = await partners.find_active_credential(conn, api_key=api_key)
@@ -82,7 +82,7 @@ async def _read_access(
             )
             record = None if found is None else found[0]
             grant = None if found is None else (tenant_id, sub_tenant_id, found[1])
-    if cache is not None and generation is not None and record is not None:
+    if cache is not None and record is not None:
         cache.store_credential(generation, api_key, record)
         if grant is not None:
             cache.store_grant(generation, record.partner_pk, *grant)
@@ -119,12 +119,12 @@ async def authorize_tenant(
     else:
         granted = None if cache is None else cache.grant(partner_pk, tenant_id, sub_tenant_id)
     if granted is None:
-        generation = None if cache is None else cache.generation
+        generation = 0 if cache is None else cache.generation
         async with db.read() as conn:
             granted = await partners.has_grant(
                 conn, partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
             )
-        if cache is not None and generation is not None:
+        if cache is not None:
             cache.store_grant(generation, partner_pk, tenant_id, sub_tenant_id, granted)
     if not granted:
         raise Forbidden()

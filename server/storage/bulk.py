@@ -23,11 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 MAX_PARAMETERS = 30_000
 
 
+# SQLAlchemy's SQLite DATETIME text: the wall time as given (UTC throughout this service).
+SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
 def db_time(conn: AsyncConnection, value: datetime) -> str | datetime:
-    """A time as the driver takes it: SQLite stores SQLAlchemy's DATETIME text (the wall time
-    as given, which is UTC throughout this service); asyncpg takes the datetime itself."""
+    """A time as the driver takes it: SQLite stores SQLAlchemy's DATETIME text; asyncpg takes
+    the datetime itself."""
     if conn.dialect.name == "sqlite":
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value.strftime(SQLITE_TIME_FORMAT)
     return value
 
 
@@ -36,14 +40,6 @@ def db_json(value: Any) -> str:
     if not value and isinstance(value, dict | list):  # most calls: no metadata, no fields
         return "{}" if isinstance(value, dict) else "[]"
     return json.dumps(value)
-
-
-def _placeholders(conn: AsyncConnection, first: int, count: int) -> str:
-    if conn.dialect.paramstyle == "qmark":
-        return ", ".join("?" * count)
-    if conn.dialect.paramstyle == "numeric_dollar":
-        return ", ".join(f"${n}" for n in range(first, first + count))
-    raise NotImplementedError(f"bulk writes do not know paramstyle {conn.dialect.paramstyle}")
 
 
 async def insert_rows(
@@ -73,11 +69,9 @@ async def insert_rows(
     found: list[tuple[Any, ...]] = []
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
-        values = ", ".join(
-            f"({_placeholders(conn, 1 + i * width, width)})" for i in range(len(chunk))
-        )
+        values = ", ".join([f"({', '.join('?' * width)})"] * len(chunk))
         params = tuple(value for row in chunk for value in row)
-        result = await conn.exec_driver_sql(head + values + tail, params)
+        result = await _execute(conn, head + values + tail, params)
         if returning:
             found.extend(tuple(row) for row in result)
     return found
@@ -95,11 +89,19 @@ async def select_in(
     """Rows of `statement` (`?` placeholders for `params`, then `IN ({in})` where the text says
     `{in}`), for `values` in chunks of `chunk`, with `suffix` after each chunk's statement."""
     found: list[tuple[Any, ...]] = []
-    for start in range(0, len(values), chunk):
-        part = values[start : start + chunk]
-        text = statement.replace("{in}", ", ".join("?" * len(part))) + suffix
-        found.extend(tuple(row) for row in await _execute(conn, text, (*params, *part)))
+    for text, part in in_chunks(statement, values, chunk):
+        found.extend(tuple(row) for row in await _execute(conn, text + suffix, (*params, *part)))
     return found
+
+
+def in_chunks(
+    statement: str, values: Sequence[Any], chunk: int = 500
+) -> list[tuple[str, Sequence[Any]]]:
+    """`statement` with its `{in}` as `?, ?, ...` for each chunk of `values`, with the chunk."""
+    return [
+        (statement.replace("{in}", ", ".join("?" * len(part))), part)
+        for part in (values[start : start + chunk] for start in range(0, len(values), chunk))
+    ]
 
 
 def _numbered(conn: AsyncConnection, statement: str) -> str:

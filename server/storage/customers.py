@@ -19,7 +19,6 @@ _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_
     Customer.sub_tenant_id == bindparam("sub_tenant_id"),
     Customer.customer_id == bindparam("customer_id"),
 )
-_FIND_CUSTOMER_FOR_UPDATE = _FIND_CUSTOMER.with_for_update()
 
 
 # The row records below are NamedTuples: a batch builds thousands of them, and a frozen
@@ -44,23 +43,18 @@ async def find_customer(
     tenant_id: str,
     sub_tenant_id: str,
     customer_id: str,
-    for_update: bool = False,
 ) -> CustomerState | None:
-    """Read a customer; with for_update its row stays locked until the transaction ends.
-
-    (PostgreSQL: SELECT ... FOR UPDATE. SQLite: the writer's BEGIN IMMEDIATE already
-    holds the database's write lock.)
-    """
+    """Read a customer (writers lock theirs with lock_customers)."""
     params = {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id, "customer_id": customer_id}
-    stmt = _FIND_CUSTOMER_FOR_UPDATE if for_update else _FIND_CUSTOMER
-    row = (await conn.execute(stmt, params)).first()
+    row = (await conn.execute(_FIND_CUSTOMER, params)).first()
     return None if row is None else CustomerState(*row)
 
 
 async def lock_customers(
     conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_ids: Sequence[str]
 ) -> dict[str, CustomerState]:
-    """find_customer(for_update=True) for many ids; missing ids are absent from the result."""
+    """Read and lock customers (PostgreSQL: FOR UPDATE; SQLite: the writer's BEGIN IMMEDIATE
+    holds the write lock already); missing ids are absent from the result."""
     rows = await bulk.select_in(
         conn,
         "SELECT id, customer_id, disposition_status FROM customers"

@@ -23,14 +23,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy.dialects import sqlite
 
+from server.storage import bulk, customers
 from server.storage import catalogs as catalog_storage
-from server.storage import customers
 from server.storage.catalogs import Disposition, EffectiveCatalog
 from server.storage.customers import CustomerState, RecordedChange
 
 T = TypeVar("T")
-
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's SQLite DATETIME text (bulk.db_time)
 
 
 def _compiled(statement: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
@@ -116,18 +114,16 @@ def lock_customers(
     conn: sqlite3.Connection, *, tenant_id: str, sub_tenant_id: str, customer_ids: Sequence[str]
 ) -> dict[str, CustomerState]:
     """storage.customers.lock_customers (BEGIN IMMEDIATE holds the write lock already)."""
-    found: dict[str, CustomerState] = {}
-    unique = sorted(set(customer_ids))
-    for start in range(0, len(unique), 500):
-        part = unique[start : start + 500]
-        rows = conn.execute(
-            "SELECT id, customer_id, disposition_status FROM customers WHERE tenant_id = ?"
-            f" AND sub_tenant_id = ? AND customer_id IN ({', '.join('?' * len(part))})",
-            (tenant_id, sub_tenant_id, *part),
-        )
-        for pk, customer_id, status in rows:
-            found[customer_id] = CustomerState(pk, customer_id, status)
-    return found
+    chunks = bulk.in_chunks(
+        "SELECT id, customer_id, disposition_status FROM customers"
+        " WHERE tenant_id = ? AND sub_tenant_id = ? AND customer_id IN ({in})",
+        sorted(set(customer_ids)),
+    )
+    return {
+        customer_id: CustomerState(pk, customer_id, status)
+        for text, part in chunks
+        for pk, customer_id, status in conn.execute(text, (tenant_id, sub_tenant_id, *part))
+    }
 
 
 def append_changes(
@@ -145,6 +141,6 @@ def append_changes(
             (tenant_id, count),
         ).fetchone()
         next_seq[tenant_id] = last - count + 1
-    at = now.strftime(_TIME_FORMAT)
+    at = now.strftime(bulk.SQLITE_TIME_FORMAT)
     conn.executemany(customers.SET_STATUS_SQL, customers.status_rows(changes, at))
     conn.executemany(customers.INSERT_HISTORY_SQL, customers.history_rows(changes, next_seq, at))
