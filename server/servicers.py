@@ -245,33 +245,29 @@ async def _mark_replay(
 
 
 def _batch_item(item: ingestion_pb2.BatchCallItem) -> ingestion.BatchItem:
+    # A thousand per batch: positional arguments, and no map or list copied when empty (the
+    # common case), half the time of the keyword form with copies.
     call, agent, customer = item.call, item.agent, item.customer
+    has = item.HasField
+    metadata, fields = item.metadata, item.custom_fields
     return ingestion.BatchItem(
-        call=ingestion.CallInput(
-            id=call.id,
-            recording_url=call.recording_url,
-            start_time=call.start_time,
-            end_time=call.end_time,
-            contact_number=call.contact_number,
+        ingestion.CallInput(
+            call.id, call.recording_url, call.start_time, call.end_time, call.contact_number
         )
-        if item.HasField("call")
+        if has("call")
         else None,
-        agent=ingestion.AgentInput(id=agent.id, email=agent.email, name=agent.name)
-        if item.HasField("agent")
-        else None,
-        customer=ingestion.CustomerInput(
-            id=customer.id,
-            name=customer.name,
-            email=customer.email,
-            disposition_status=(
-                customer.disposition_status if customer.HasField("disposition_status") else None
-            ),
+        ingestion.AgentInput(agent.id, agent.email, agent.name) if has("agent") else None,
+        ingestion.CustomerInput(
+            customer.id,
+            customer.name,
+            customer.email,
+            customer.disposition_status if customer.HasField("disposition_status") else None,
         )
-        if item.HasField("customer")
+        if has("customer")
         else None,
-        callback_url=item.callback_url,
-        metadata=dict(item.metadata),
-        custom_fields=[(field.internal_name, field.value) for field in item.custom_fields],
+        item.callback_url,
+        dict(metadata) if metadata else {},
+        [(field.internal_name, field.value) for field in fields] if fields else [],
     )
 
 

@@ -441,3 +441,18 @@ def test_abandoned_requests_never_wedge_the_writer(served: Served) -> None:
     assert status == "after"
     chain = [None] + [new for _, new in rows]
     assert [previous for previous, _ in rows] == chain[:-1]
+
+
+def test_server_start_freezes_start_up_objects_and_raises_the_young_gc_threshold() -> None:
+    # In a process of its own: pytest's collector must keep its own settings.
+    probe = (
+        "import gc, json; from server.main import tune_gc; before = gc.get_threshold(); "
+        "tune_gc(); print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count()]))"
+    )
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    before, after, frozen = json.loads(done.stdout)
+    assert after == [10_000, before[1], before[2]]
+    assert frozen > 10_000  # the modules' objects at least

@@ -103,6 +103,9 @@ def validate_batch(
     return times
 
 
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # an item without valid times (it fails anyway)
+
+
 def _validate_item(
     out: validation.Violations,
     at: str,
@@ -110,7 +113,7 @@ def _validate_item(
     seen_calls: set[str],
     catalog: catalogs.Catalog,
 ) -> tuple[datetime, datetime]:
-    start = end = datetime.min.replace(tzinfo=UTC)
+    start = end = _NO_TIME
     if item.call is None:
         out.append((f"{at}.call", f"{at}.call should not be empty"))
     else:
@@ -246,7 +249,16 @@ async def _store(
         inserted = await calls.insert_calls(
             conn,
             rows=[
-                _call_row(item, keys, times[index], ctx.partner_pk, ctx.request_id, now, scope)
+                _call_row(
+                    item,
+                    keys,
+                    times[index],
+                    ctx.partner_pk,
+                    ctx.request_id,
+                    now,
+                    ctx.tenant_id,
+                    ctx.sub_tenant_id,
+                )
                 for index, item in fresh
             ],
         )
@@ -319,24 +331,29 @@ def _call_row(
     partner_pk: int,
     request_id: str,
     now: datetime,
-    scope: dict[str, str],
-) -> dict[str, Any]:
-    assert item.call is not None and item.agent is not None and item.customer is not None
-    return {
-        "partner_pk": partner_pk,
-        "call_id": item.call.id,
-        "customer_pk": keys[item.customer.id],
-        "recording_url": item.call.recording_url,
-        "start_time": times[0],
-        "end_time": times[1],
-        "contact_number": item.call.contact_number,
-        "agent_id": item.agent.id,
-        "agent_email": item.agent.email or None,
-        "agent_name": item.agent.name or None,
-        "callback_url": item.callback_url or None,
-        "metadata": dict(item.metadata),
-        "custom_fields": [{"internal_name": n, "value": v} for n, v in item.custom_fields],
-        "request_id": request_id,
-        "created_at": now,
-        **scope,
-    }
+    tenant_id: str,
+    sub_tenant_id: str,
+) -> calls.CallRow:
+    call, agent, customer = item.call, item.agent, item.customer
+    assert call is not None and agent is not None and customer is not None
+    return calls.CallRow(
+        partner_pk,
+        call.id,
+        keys[customer.id],
+        tenant_id,
+        sub_tenant_id,
+        call.recording_url,
+        times[0],
+        times[1],
+        call.contact_number,
+        agent.id,
+        agent.email or None,
+        agent.name or None,
+        item.callback_url or None,
+        item.metadata,
+        [{"internal_name": n, "value": v} for n, v in item.custom_fields]
+        if item.custom_fields
+        else [],
+        request_id,
+        now,
+    )

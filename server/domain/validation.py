@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 MAX_TEXT = 255
 MAX_URL = 2048
@@ -76,21 +76,28 @@ def optional_url(out: Violations, field: str, value: str) -> None:
 
 
 def is_http_url(value: str) -> bool:
+    return _http_url(value) is not None
+
+
+def _http_url(value: str) -> SplitResult | None:
+    """The parts of an http(s) URL with a host, or None."""
     if len(value) > MAX_URL or _CONTROL.search(value) or " " in value:
-        return False
+        return None
     try:
         parts = urlsplit(value)
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
 
 
 def recording_url(out: Violations, field: str, value: str) -> None:
     if not value.strip():
         out.append((field, f"{field} should not be empty"))
-    elif not is_http_url(value):
+    elif (parts := _http_url(value)) is None:
         out.append((field, f"{field} must be a URL address"))
-    elif not urlsplit(value).path.lower().endswith(_AUDIO_SUFFIXES):
+    elif not parts.path.lower().endswith(_AUDIO_SUFFIXES):
         out.append((field, f"{field} must point to an MP3, WAV, AAC or M4A file"))
 
 
@@ -103,13 +110,16 @@ def utc_timestamp(out: Violations, field: str, value: str) -> datetime | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         parsed = None
-    if parsed is None or "T" not in value.upper():
+    if parsed is None or ("T" not in value and "t" not in value):
         out.append((field, f"{field} must be a valid ISO 8601 date string"))
         return None
-    if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:  # type: ignore[union-attr]
+    if parsed.tzinfo is UTC:  # `Z`, or `+00:00`: the common case, nothing to convert
+        return parsed
+    offset = parsed.utcoffset()
+    if offset is None or offset:
         out.append((field, f"{field} must be in UTC (end with Z or +00:00)"))
         return None
-    return parsed.astimezone(UTC)
+    return parsed.replace(tzinfo=UTC)
 
 
 def e164(out: Violations, field: str, value: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,20 +25,35 @@ async def existing_call_ids(
     return {call_id for (call_id,) in rows}
 
 
-_CALL_COLUMNS = (
-    "partner_pk", "call_id", "customer_pk", "tenant_id", "sub_tenant_id", "recording_url",
-    "start_time", "end_time", "contact_number", "agent_id", "agent_email", "agent_name",
-    "callback_url", "metadata", "custom_fields", "request_id", "created_at",
-)  # fmt: skip
+class CallRow(NamedTuple):
+    """A row of `calls`, fields in column order (times as datetimes, JSON as Python values)."""
+
+    partner_pk: int
+    call_id: str
+    customer_pk: int
+    tenant_id: str
+    sub_tenant_id: str
+    recording_url: str
+    start_time: datetime
+    end_time: datetime
+    contact_number: str
+    agent_id: str
+    agent_email: str | None
+    agent_name: str | None
+    callback_url: str | None
+    metadata: dict[str, str]
+    custom_fields: list[dict[str, str]]
+    request_id: str
+    created_at: datetime
 
 
-async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert calls; each dict has the columns of `calls` (metadata under `metadata`).
+async def insert_calls(conn: AsyncConnection, *, rows: Sequence[CallRow]) -> set[str]:
+    """Insert calls; returns the call ids inserted here.
 
-    Returns the call ids inserted here. An id the partner has by now is skipped (ON CONFLICT
-    DO NOTHING): on PostgreSQL a concurrent transaction may have stored it since
-    existing_call_ids; this insert waits for that one to end. Rows go in id order so that
-    two transactions inserting the same ids wait for each other instead of deadlocking.
+    An id the partner has by now is skipped (ON CONFLICT DO NOTHING): on PostgreSQL a
+    concurrent transaction may have stored it since existing_call_ids; this insert waits for
+    that one to end. Rows go in id order so that two transactions inserting the same ids wait
+    for each other instead of deadlocking.
     """
     if not rows:
         return set()
@@ -52,30 +68,16 @@ async def insert_calls(conn: AsyncConnection, *, rows: Sequence[dict[str, Any]])
     inserted = await bulk.insert_rows(
         conn,
         "calls",
-        _CALL_COLUMNS,
+        CallRow._fields,
         [
-            (
-                r["partner_pk"],
-                r["call_id"],
-                r["customer_pk"],
-                r["tenant_id"],
-                r["sub_tenant_id"],
-                r["recording_url"],
-                time(r["start_time"]),
-                time(r["end_time"]),
-                r["contact_number"],
-                r["agent_id"],
-                r["agent_email"],
-                r["agent_name"],
-                r["callback_url"],
-                bulk.db_json(r["metadata"]),
-                bulk.db_json(r["custom_fields"]),
-                r["request_id"],
-                time(r["created_at"]),
-            )
-            for r in sorted(rows, key=lambda row: str(row["call_id"]))
+            (*r[:6], time(r.start_time), time(r.end_time), *r[8:13], bulk.db_json(r.metadata),
+             bulk.db_json(r.custom_fields), r.request_id, time(r.created_at))
+            for r in sorted(rows, key=_call_id)
         ],
         on_conflict_do_nothing=("partner_pk", "call_id"),
         returning=("call_id",),
-    )
+    )  # fmt: skip
     return {call_id for (call_id,) in inserted}
+
+
+_call_id = attrgetter("call_id")

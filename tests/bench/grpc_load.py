@@ -61,15 +61,35 @@ def _batch(start: int, count: int) -> ingestion_pb2.IngestBatchCallsRequest:
     )
 
 
+def batches(start: int, stop: int) -> list[ingestion_pb2.IngestBatchCallsRequest]:
+    """IngestBatchCalls requests creating customers start..stop-1, 1,000 per request."""
+    return [
+        _batch(first, min(BATCH_SIZE, stop - first)) for first in range(start, stop, BATCH_SIZE)
+    ]
+
+
 def ingest(port: int, partner: Partner, customers: int, clients: int = 2) -> dict[str, float]:
     """Create `customers` customers through IngestBatchCalls, 1,000 per request, `clients`
     requests in flight (built beforehand, so that the client's own protobuf work is not timed
     as the server's); calls/s counts replies, each sent after its batch committed."""
-    metadata = tuple(partner.headers().items())
-    batches = [
-        _batch(start, min(BATCH_SIZE, customers - start))
-        for start in range(0, customers, BATCH_SIZE)
-    ]
+    return send_batches(port, partner, batches(0, customers), clients)
+
+
+def send_batches(
+    port: int,
+    partner: Partner,
+    requests: list[ingestion_pb2.IngestBatchCallsRequest],
+    clients: int = 2,
+    *,
+    sub_tenant_id: str | None = None,
+) -> dict[str, float]:
+    """Send IngestBatchCalls requests, `clients` in flight (as the partner's sub-tenant, or
+    `sub_tenant_id`); each must create all its customers."""
+    headers = partner.headers()
+    if sub_tenant_id is not None:
+        headers["x-sub-tenant-id"] = sub_tenant_id
+    metadata = tuple(headers.items())
+    customers = sum(len(request.data) for request in requests)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = ingestion_grpc.CallIngestionServiceStub(channel)
 
@@ -79,13 +99,13 @@ def ingest(port: int, partner: Partner, customers: int, clients: int = 2) -> dic
 
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            created = sum(pool.map(send, batches))
+            created = sum(pool.map(send, requests))
         elapsed = time.perf_counter() - started
     if created != customers:
         raise RuntimeError(f"ingestion created {created} customers, expected {customers}")
     return {
         "customers": customers,
-        "requests": len(batches),
+        "requests": len(requests),
         "batch_size": BATCH_SIZE,
         "clients": clients,
         "seconds": round(elapsed, 3),

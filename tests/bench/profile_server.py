@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     parser.add_argument("--noop", action="store_true", help="profile the ceiling's no-op server")
+    parser.add_argument(
+        "--ingest", type=int, default=0, metavar="N",
+        help="profile IngestBatchCalls of N more customers instead of update load",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     py_spy = _py_spy()
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
@@ -89,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                   "-r", "250", "--format", "raw", "-o", str(folded), "--nonblocking"]  # fmt: skip
         if args.gil:
             record.append("--gil")
+        # Built before sampling starts: the client's protobuf work is not the server's.
+        batches = grpc_load.batches(args.customers, args.customers + args.ingest)
         spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         common = {"partner": topology.partner, "customers": args.customers,
                   "connections": args.connections, "seconds": args.seconds}  # fmt: skip
-        if args.rest:
+        if args.ingest:
+            result = grpc_load.send_batches(grpc_port, topology.partner, batches)
+        elif args.rest:
             result = rest_load.run_wrk(
                 http_port=http_port, threads=os.cpu_count() or 1, tag="p", **common
             )
@@ -103,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         if spy.returncode != 0:
             print(err.decode(errors="replace"), file=sys.stderr)
             return 1
-    print(f"load: {result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
-          f"errors {result['errors']}")  # fmt: skip
+    if args.ingest:
+        print(f"ingestion: {result['calls_per_s']} calls/s in {result['seconds']} s")
+    else:
+        print(f"load: {result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
+              f"errors {result['errors']}")  # fmt: skip
     print(summarize(folded, args.top))
     print(f"folded stacks: {folded}")
     return 0

@@ -40,6 +40,8 @@ class Partner:
     api_secret: str
     tenant_id: str = "bench-tenant"
     sub_tenant_id: str = "bench-sub"
+    # The ingestion suite's customers: beside the update load's, not among them.
+    ingest_sub_tenant_id: str = "bench-ingest"
 
     def headers(self) -> dict[str, str]:
         return {
@@ -82,8 +84,9 @@ def create_partner(env: dict[str, str]) -> Partner:
     issued = admin(env, "partner", "create", "--partner-id", "bench", "--name", "Bench",
                    "--rate-limit-per-minute", "100000000")  # fmt: skip
     partner = Partner(issued["api_key"], issued["api_secret"])
-    admin(env, "grant", "--partner-id", "bench", "--tenant-id", partner.tenant_id,
-          "--sub-tenant-id", partner.sub_tenant_id)  # fmt: skip
+    for sub_tenant_id in (partner.sub_tenant_id, partner.ingest_sub_tenant_id):
+        admin(env, "grant", "--partner-id", "bench", "--tenant-id", partner.tenant_id,
+              "--sub-tenant-id", sub_tenant_id)  # fmt: skip
     return partner
 
 
