@@ -452,34 +452,44 @@ def ingest_suite(args: argparse.Namespace, topology: Topology) -> dict[str, Any]
     for repeat in range(args.repeats):
         first = (repeat + 1) * 1_000_000  # fresh call and customer ids every run
         requests = grpc_load.batches(first, first + INGEST_RUN_CALLS)
-        before = topology.history_rows()
+        before, cpu_before = topology.history_rows(), cpu_seconds(*topology.pids)
         run = grpc_load.send_batches(
             topology.grpc_port, topology.partner, requests,
             sub_tenant_id=topology.partner.ingest_sub_tenant_id,
         )  # fmt: skip
+        run["server_cpu_us_per_call"] = _cpu_us(
+            cpu_seconds(*topology.pids) - cpu_before, INGEST_RUN_CALLS
+        )
         run["history_rows_written"] = topology.history_rows() - before
         runs.append(run)
         progress(f"ingestion: {run}")
     return {
-        **feed_batch.median_of(runs, "calls_per_s"),
+        **feed_batch.median_of(runs, "calls_per_s", "server_cpu_us_per_call"),
         "history_rows_match": all(r["history_rows_written"] == r["customers"] for r in runs),
         "runs": runs,
     }
+
+
+def _cpu_us(cpu_seconds: float, count: float) -> float:
+    """Server CPU microseconds per item (what the servers used, user + system)."""
+    return round(1e6 * cpu_seconds / count, 1) if count else 0.0
 
 
 def batch_suite(args: argparse.Namespace, topology: Topology) -> dict[str, Any]:
     """1,000-item batch updates; every item a real change, checked against history rows."""
     runs = []
     for _ in range(args.repeats):
-        before = topology.history_rows()
+        before, cpu_before = topology.history_rows(), cpu_seconds(*topology.pids)
         run = feed_batch.batch_updates(
             port=topology.grpc_port, partner=topology.partner, customers=args.customers
         )
+        cpu = cpu_seconds(*topology.pids) - cpu_before
+        run["server_cpu_us_per_item"] = _cpu_us(cpu, run["items_changed"])
         run["history_rows_written"] = topology.history_rows() - before
         runs.append(run)
         progress(f"batch update: {run}")
     return {
-        **feed_batch.median_of(runs, "items_per_s"),
+        **feed_batch.median_of(runs, "items_per_s", "server_cpu_us_per_item"),
         "errors": sum(int(r["errors"]) for r in runs),
         "history_rows_match": all(r["history_rows_written"] == r["items_changed"] for r in runs),
         "runs": runs,
