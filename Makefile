@@ -93,11 +93,15 @@ breaking: install $(BUF) ## buf breaking against a git ref (AGAINST=main by defa
 
 BENCH_TOOLS := wrk h2load
 .PHONY: bench
-bench: install ## Benchmark: REST/gRPC updates, feed latency, batch updates (BENCH_ARGS=--help)
+bench: install ## Benchmark: REST/gRPC updates, ingestion, feed latency, batch updates (BENCH_ARGS=--help)
 	@for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || { \
 	  echo "installing wrk and nghttp2-client (h2load) from Debian's packages"; \
 	  apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null; break; }; done
 	$(PY) -m tests.bench.run_bench $(BENCH_ARGS)
+
+.PHONY: crash-test
+crash-test: install ## SIGKILL the server and Envoy under writes (20 times each, SQLite and PostgreSQL)
+	$(PY) -m tests.crash_safety $(CRASH_ARGS)
 
 .PHONY: clean
 clean: ## Remove generated code and build tools (keeps .venv and var/)

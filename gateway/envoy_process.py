@@ -33,6 +33,7 @@ CLUSTER_NAME = "disposition_grpc"
 class EnvoyPorts(NamedTuple):
     http_port: int
     admin_port: int
+    pid: int = 0  # the Envoy process (tests kill it)
 
 
 class EnvoyStartError(RuntimeError):
@@ -136,7 +137,11 @@ def _wait_ready(
                 except OSError:
                     status, body = 0, ""
                 if status == 200 and body.strip() == "LIVE":
-                    return EnvoyPorts(http_port=_listener_port(admin_port), admin_port=admin_port)
+                    return EnvoyPorts(
+                        http_port=_listener_port(admin_port),
+                        admin_port=admin_port,
+                        pid=process.pid,
+                    )
         time.sleep(0.05)
     raise EnvoyStartError(f"envoy not ready after {timeout}s:\n{_log_tail(log)}")
 
