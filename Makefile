@@ -51,8 +51,11 @@ $(GEN)/.generated: $(PROTOS) $(DEPS)/.copied
 	  --descriptor_set_out=$(DESCRIPTOR) $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
 	touch $@
 
+$(BUILD)/openapi.json: $(GEN)/.generated gateway/openapi.py
+	$(PY) -m gateway.openapi --descriptor $(DESCRIPTOR) --out $@
+
 .PHONY: gen
-gen: $(GEN)/.generated ## Generate Python code and Envoy's descriptor set from proto/
+gen: $(GEN)/.generated $(BUILD)/openapi.json ## Generate Python code, Envoy's descriptor set and build/openapi.json from proto/
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0

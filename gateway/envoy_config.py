@@ -58,6 +58,10 @@ def render(
             f"proto_descriptor: {Path(descriptor_path).resolve()}"
         ),
         "filename: gateway/envelope.lua": f"filename: {LUA_FILTER}",
+        # Written by `make gen` next to the descriptor set (gateway/openapi.py).
+        "filename: build/openapi.json": (
+            f"filename: {Path(descriptor_path).resolve().parent / 'openapi.json'}"
+        ),
     }
     for old in substitutions:
         if text.count(old) != 1:
