@@ -106,6 +106,10 @@ bench: install ## Benchmark: REST/gRPC updates, ingestion, feed latency, batch u
 crash-test: install ## SIGKILL the server and Envoy under writes (20 times each, SQLite and PostgreSQL)
 	$(PY) -m tests.crash_safety $(CRASH_ARGS)
 
+.PHONY: fuzz
+fuzz: install ## Fuzz every REST operation from the OpenAPI document (400 requests each; FUZZ_EXAMPLES)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(BIN)/pytest -p no:cacheprovider -s tests/test_fuzz.py
+
 .PHONY: clean
 clean: ## Remove generated code and build tools (keeps .venv and var/)
 	rm -rf $(BUILD)

@@ -303,10 +303,33 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Entry points
 
+-- A REST request's headers travel on as gRPC metadata, which is stricter than HTTP: keys of
+-- [0-9a-z_.-] only, values of printable ASCII (and tab). The gRPC server fails a call that carries
+-- anything else (INTERNAL, "Illegal header key"), so such headers, which no endpoint reads, are
+-- dropped here. So are grpc-* headers (grpc-timeout, grpc-encoding, ... belong to the call the
+-- transcoder makes, not to the client) and *-bin keys (binary metadata, base64 expected).
+local function drop_unforwardable(headers)
+  local unforwardable = {}
+  for name, value in pairs(headers) do
+    if string.sub(name, 1, 1) ~= ":" and (
+        string.find(name, "^[0-9a-z_.%-]+$") == nil
+        or string.find(name, "^grpc%-") ~= nil
+        or string.find(name, "%-bin$") ~= nil
+        or string.find(value, "[^\t\32-\126]") ~= nil) then
+      unforwardable[#unforwardable + 1] = name
+    end
+  end
+  for _, name in ipairs(unforwardable) do headers:remove(name) end
+end
+
 function envoy_on_request(handle)
   local content_type = handle:headers():get("content-type") or ""
   if string.find(content_type, "^application/grpc") == nil then
+    drop_unforwardable(handle:headers())
     handle:streamInfo():dynamicMetadata():set(NAMESPACE, "rest", true)
+    if handle:headers():get(":method") == "HEAD" then
+      handle:streamInfo():dynamicMetadata():set(NAMESPACE, "head", true)
+    end
   end
 end
 
@@ -360,7 +383,12 @@ function envoy_on_response(handle)
     headers:replace(":status", tostring(status))
     headers:replace("content-type", CONTENT_TYPE)
     for name, value in pairs(extra) do headers:replace(name, value) end
-    body:setBytes(new_body)
+    if metadata.head == true then
+      -- A reply to HEAD has no body (RFC 9110 9.3.2): the length the GET's would have.
+      headers:replace("content-length", tostring(#new_body))
+    else
+      body:setBytes(new_body)
+    end
   end
   strip_grpc_trailers(handle)
 end

@@ -20,6 +20,7 @@ class RequestContext:
     tenant_id: str | None = None
     sub_tenant_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    conflicting_headers: frozenset[str] = frozenset()  # identity headers sent twice, differently
     refusal: Exception | None = None  # why a gate refused the call (interceptors._refusal)
     started: float = field(default_factory=time.perf_counter)
 

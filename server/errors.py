@@ -76,6 +76,15 @@ class SubTenantIdRequired(BadRequest):
     reason = "SUB_TENANT_ID_REQUIRED"
 
 
+class RepeatedHeader(BadRequest):
+    """A tenant header sent twice with different values (400): which one was meant?"""
+
+    reason = "REPEATED_HEADER"
+
+    def __init__(self, header: str) -> None:
+        super().__init__(f"{header} must be sent once")
+
+
 class MalformedRequest(BadRequest):
     """The request bytes are not a valid message, e.g. a string that is not UTF-8 (400)."""
 

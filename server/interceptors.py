@@ -27,7 +27,7 @@ from server.db import Database
 from server.domain import access
 from server.domain.access_cache import AccessCache
 from server.domain.ratelimit import RateLimiter
-from server.errors import MalformedRequest, RateLimited, ServiceError
+from server.errors import Forbidden, MalformedRequest, RateLimited, RepeatedHeader, ServiceError
 from server.metrics import Metrics
 
 log = logging.getLogger("disposition.rpc")
@@ -45,13 +45,24 @@ StreamBehavior: TypeAlias = Callable[[Any, "Rpc"], AsyncGenerator[Any, None]]
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def _headers(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    """Invocation metadata as a dict; the first of repeated keys wins. Binary keys are dropped."""
+# Headers that say who is calling for whom: sent twice with different values, the request is
+# ambiguous and refused (403 for credentials, 400 for the tenant headers), never read either way.
+IDENTITY_HEADERS = frozenset(
+    {"x-api-key", "x-api-secret", "x-partner-id", "x-tenant-id", "x-sub-tenant-id"}
+)
+
+
+def _headers(details: grpc.HandlerCallDetails) -> tuple[dict[str, str], frozenset[str]]:
+    """Invocation metadata as a dict (the first of repeated keys wins; binary keys are dropped),
+    and the identity headers that were repeated with different values."""
     headers: dict[str, str] = {}
+    conflicting: set[str] = set()
     for key, value in details.invocation_metadata or ():
-        if isinstance(value, str):
-            headers.setdefault(key, value)
-    return headers
+        # (setdefault first: every key is recorded, repeated or not)
+        if (isinstance(value, str) and headers.setdefault(key, value) != value
+                and key in IDENTITY_HEADERS):  # fmt: skip
+            conflicting.add(key)
+    return headers, frozenset(conflicting)
 
 
 def _is_exempt(details: grpc.HandlerCallDetails) -> bool:
@@ -70,13 +81,16 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        headers = _headers(handler_call_details)
+        headers, conflicting = _headers(handler_call_details)
         request_id = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(request_id):
             request_id = uuid.uuid4().hex
         context.current.set(
             RequestContext(
-                request_id=request_id, method=handler_call_details.method, headers=headers
+                request_id=request_id,
+                method=handler_call_details.method,
+                headers=headers,
+                conflicting_headers=conflicting,
             )
         )
         handler = await continuation(handler_call_details)
@@ -269,6 +283,8 @@ class AuthInterceptor(_Gate):
         self.cache = cache
 
     async def check(self, ctx: RequestContext) -> None:
+        if ctx.conflicting_headers & {"x-api-key", "x-api-secret", "x-partner-id"}:
+            raise Forbidden()
         principal = await access.authenticate(
             self.db,
             api_key=ctx.headers.get("x-api-key"),
@@ -291,6 +307,9 @@ class TenantInterceptor(_Gate):
         self.cache = cache
 
     async def check(self, ctx: RequestContext) -> None:
+        for name in ("x-tenant-id", "x-sub-tenant-id"):
+            if name in ctx.conflicting_headers:
+                raise RepeatedHeader(name)
         tenant_id, sub_tenant_id = access.require_tenant(
             ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")
         )
