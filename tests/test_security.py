@@ -406,3 +406,13 @@ def test_control_characters_are_refused_with_422(secured: Secured, value: str) -
         assert reply.status == 422, (body, reply.body)
         assert json.loads(reply.body)["message"] == "Validation failed"
     assert _snapshot(secured) == before
+
+
+def test_a_client_that_never_finishes_its_headers_gets_a_408_envelope(secured: Secured) -> None:
+    # envoy.yaml: request_headers_timeout 10 s.
+    started = time.monotonic()
+    raw = _raw(secured, b"GET /api/v1/partner/dispositions HTTP/1.1\r\nHost: x\r\nx-api-")
+    waited = time.monotonic() - started
+    status, body = _envelope(raw)
+    assert status == 408 and body["success"] is False, raw
+    assert 9 <= waited <= 15
