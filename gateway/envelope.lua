@@ -261,6 +261,11 @@ local function from_grpc_status(code, message, details)
       end
     end
   end
+  if code == 8 and headers["retry-after"] == nil then
+    -- RESOURCE_EXHAUSTED without our RetryInfo: not the partner's rate limit but the server's
+    -- limit of concurrent calls (grpc's "Concurrent RPC limit exceeded!"). Overload: 503.
+    return 503, envelope('"Service unavailable"'), { ["retry-after"] = "1" }
+  end
   return status, envelope('"' .. message .. '"', errors), headers
 end
 
@@ -373,6 +378,10 @@ function envoy_on_response(handle)
       status = http_status
       local message = MESSAGE_FOR_STATUS[status] or (status >= 500 and "Internal server error" or "Bad request")
       new_body, extra = envelope(json_string(message)), {}
+      if status == 503 then
+        -- No replica could take it (all busy, ejected or down): try again shortly.
+        extra["retry-after"] = "1"
+      end
     end
   end
 

@@ -72,6 +72,7 @@ class App:
                     self.limiter, settings.rate_limit_per_minute, metrics=self.metrics
                 ),
             ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -32,6 +32,9 @@ class Settings:
     # load balancer's health checks take it out of rotation before it refuses new RPCs.
     shutdown_drain_seconds: float = 0.0
     max_message_bytes: int = 8 * 1024 * 1024
+    # RPCs in progress at once (change-feed streams included); more are refused at once with
+    # RESOURCE_EXHAUSTED (REST: 503 + Retry-After) instead of queueing without bound.
+    max_concurrent_rpcs: int = 1000
     log_level: str = "INFO"
     environment: str = "development"
     # The change feed: how often a watched tenant's cursor is polled for other processes'
@@ -61,6 +64,7 @@ class Settings:
             sqlite_synchronous=env.get("SQLITE_SYNCHRONOUS", "FULL").upper(),
             shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "10")),
             shutdown_drain_seconds=_float(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, minimum=0.0),
+            max_concurrent_rpcs=_int(env, "MAX_CONCURRENT_RPCS", 1000, minimum=1),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             environment=env.get("DISPOSITION_ENV", "development"),
             feed_poll_seconds=_float(env, "FEED_POLL_SECONDS", 0.05, minimum=0.001),
