@@ -20,7 +20,9 @@ local GRPC_HEADERS = { "grpc-status", "grpc-message", "grpc-status-details-bin",
 
 -- gRPC status code -> HTTP status (google.rpc.Code documentation).
 local HTTP_STATUS_FOR_CODE = {
-  [1] = 499, -- CANCELLED
+  -- CANCELLED: a REST client that went away sees no reply at all, so one that gets a reply
+  -- was cancelled by the server (shutting down): unavailable, retry (google.rpc says 499).
+  [1] = 503, -- CANCELLED
   [2] = 500, -- UNKNOWN
   [3] = 400, -- INVALID_ARGUMENT (422 when it carries a BadRequest)
   [4] = 504, -- DEADLINE_EXCEEDED
@@ -261,6 +263,8 @@ local function from_grpc_status(code, message, details)
       end
     end
   end
+  if code == 1 then message = "Service unavailable" end
+  if status == 503 and headers["retry-after"] == nil then headers["retry-after"] = "1" end
   if code == 8 and headers["retry-after"] == nil then
     -- RESOURCE_EXHAUSTED without our RetryInfo: not the partner's rate limit but the server's
     -- limit of concurrent calls (grpc's "Concurrent RPC limit exceeded!"). Overload: 503.
@@ -308,19 +312,19 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Entry points
 
--- A REST request's headers travel on as gRPC metadata, which is stricter than HTTP: keys of
--- [0-9a-z_.-] only, values of printable ASCII (and tab). The gRPC server fails a call that carries
--- anything else (INTERNAL, "Illegal header key"), so such headers, which no endpoint reads, are
--- dropped here. So are grpc-* headers (grpc-timeout, grpc-encoding, ... belong to the call the
--- transcoder makes, not to the client) and *-bin keys (binary metadata, base64 expected).
+-- A REST request's headers travel on as gRPC metadata, whose keys are stricter than HTTP's:
+-- [0-9a-z_.-] only. The gRPC server fails a call that carries any other key (INTERNAL, "Illegal
+-- header key"), so such headers, which no endpoint reads, are dropped here. So are grpc-* headers
+-- (grpc-timeout, grpc-encoding, ... belong to the call the transcoder makes, not to the client)
+-- and *-bin keys (binary metadata, base64 expected). Values pass as they are: the server checks
+-- the ones it reads (a non-ASCII Idempotency-Key is a 400 that says so, not a key ignored).
 local function drop_unforwardable(headers)
   local unforwardable = {}
-  for name, value in pairs(headers) do
+  for name, _ in pairs(headers) do
     if string.sub(name, 1, 1) ~= ":" and (
         string.find(name, "^[0-9a-z_.%-]+$") == nil
         or string.find(name, "^grpc%-") ~= nil
-        or string.find(name, "%-bin$") ~= nil
-        or string.find(value, "[^\t\32-\126]") ~= nil) then
+        or string.find(name, "%-bin$") ~= nil) then
       unforwardable[#unforwardable + 1] = name
     end
   end

@@ -30,6 +30,7 @@ acknowledged, plus at most its one in-doubt update, last.
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -92,6 +93,7 @@ class Report:
     batches_in_doubt_committed: int = 0
     history_rows_checked: int = 0
     customers_checked: int = 0
+    write_failures: dict[int, int] = field(default_factory=dict)  # HTTP status: writes
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -104,6 +106,9 @@ class Gateway:
 
     def __init__(self, port: int) -> None:
         self.port = port
+        # The HTTP status of every write that was not a 200 (0: no reply at all).
+        self.write_failures: collections.Counter[int] = collections.Counter()
+        self._lock = threading.Lock()
 
     def request(
         self, method: str, path: str, body: object, headers: dict[str, str]
@@ -128,7 +133,10 @@ class Gateway:
         except ConnectionRefusedError:
             return "refused"
         except (OSError, http.client.HTTPException):
-            return "in_doubt"
+            status = 0
+        if status != 200 and method != "GET":
+            with self._lock:
+                self.write_failures[status] += 1
         return "acked" if status == 200 else "in_doubt"
 
 
@@ -255,7 +263,10 @@ def run(
     else:
         schemas = None
         database_url = f"sqlite+aiosqlite:///{workdir / 'crash.db'}"
-    server = ServerProcess(database_url, workdir / "server.log")
+    # A graceful restart as deployed: the server reports NOT_SERVING and keeps serving for
+    # longer than Envoy's health-check interval (1 s) before it stops taking calls.
+    drain = {"SHUTDOWN_DRAIN_SECONDS": "1.5"} if target == "server-term" else {}
+    server = ServerProcess(database_url, workdir / "server.log", **drain)
     try:
         port = server.start()
         if engine == "sqlite":
@@ -274,6 +285,9 @@ def run(
                     if target == "server":
                         server.stop(sig=signal.SIGKILL)
                         server.start()
+                    elif target == "server-term":  # a graceful restart
+                        server.stop(sig=signal.SIGTERM)
+                        server.start()
                     else:
                         gateway.port = envoy.kill_and_restart().http_port
                     report.kills += 1
@@ -281,6 +295,9 @@ def run(
             report.problems += load.errors
             _wait_for_route(gateway, partner)
             check(report, *read_database(database_url), load.attempts, load.batches)
+            report.write_failures = dict(sorted(gateway.write_failures.items()))
+            if target == "server-term":
+                _check_graceful(report)
         finally:
             envoy.close()
     finally:
@@ -394,12 +411,21 @@ def check(
         report.problems.append("the load was never acknowledged: nothing was checked")
 
 
+def _check_graceful(report: Report) -> None:
+    """SIGTERM drains: what the server accepted it finishes (so no write is in doubt), and what
+    it no longer takes Envoy answers with the 503 envelope (never committed, never a 500)."""
+    if set(report.write_failures) - {503}:
+        report.problems.append(f"graceful restarts answered {report.write_failures}: only 503")
+    if report.in_doubt_committed or report.batches_in_doubt_committed:
+        report.problems.append("a write answered 503 during a graceful restart was committed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs per target and engine")
     parser.add_argument("--writers", type=int, default=12)
-    parser.add_argument("--target", nargs="+", choices=("server", "envoy"),
-                        default=["server", "envoy"])  # fmt: skip
+    parser.add_argument("--target", nargs="+", choices=("server", "server-term", "envoy"),
+                        default=["server", "server-term", "envoy"])  # fmt: skip
     parser.add_argument("--engine", nargs="+", choices=("sqlite", "postgres"),
                         default=["sqlite", "postgres"])  # fmt: skip
     parser.add_argument(

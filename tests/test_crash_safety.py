@@ -1,5 +1,6 @@
-"""The short form of `make crash-test` (tests/crash_safety.py): 5 SIGKILLs of the server and 5 of
-Envoy under concurrent writes, on SQLite and (with TEST_POSTGRES_URL) on PostgreSQL."""
+"""The short form of `make crash-test` (tests/crash_safety.py): 5 SIGKILLs of the server, 5
+graceful restarts (SIGTERM) of it and 5 SIGKILLs of Envoy under concurrent writes, on SQLite and
+(with TEST_POSTGRES_URL) on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ KILLS = 5
 WRITERS = 8
 
 
-@pytest.mark.parametrize("target", ["server", "envoy"])
+@pytest.mark.parametrize("target", ["server", "server-term", "envoy"])
 @pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_nothing_acknowledged_is_lost_across_kills(
     target: str, engine: str, tmp_path: Path
