@@ -65,7 +65,6 @@ ERROR_RESPONSES: dict[str, tuple[str, str]] = {
     "400": ("Bad request: invalid JSON, a missing tenant or sub-tenant header", "Error"),
     "403": ("Forbidden: unknown or wrong credentials, or a tenant not granted", "Error"),
     "404": ("Customer not found (or not in the caller's tenant and sub-tenant)", "Error"),
-    "409": ("Idempotency key reused with another request, or still in progress", "Error"),
     "413": ("Payload too large: the body exceeds 5 MB", "Error"),
     "422": ("Validation failed: `errors` names each field and its problem", "ValidationError"),
     "429": ("Rate limit exceeded (`Retry-After` gives the seconds to wait)", "Error"),
