@@ -330,7 +330,8 @@ def test_grpc_status_becomes_the_documented_envelope(
 ) -> None:
     reply = update(envoy.http_port, customer_id)
     assert_rest_reply(reply, status, body)
-    assert reply.header("retry-after") is None
+    # Only a 503 says when to come back (1 s: another replica, or this one restarted).
+    assert reply.header("retry-after") == ("1" if status == 503 else None)
 
 
 @pytest.mark.parametrize(
