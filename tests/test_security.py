@@ -1,4 +1,4 @@
-"""Security, proven against the real stack (Envoy + server process + SQLite file):
+"""Security, proven against the real stack (Envoy + server process, on SQLite and PostgreSQL):
 
 - tenant isolation: a matrix of partners x tenants x sub-tenants over every REST endpoint; every
   access outside a partner's grant is 403, every customer of another scope is 404, and no reply
@@ -69,9 +69,9 @@ def _scope_tag(scope: tuple[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+def secured(tmp_path_factory: pytest.TempPathFactory, stack_database_url: str) -> Iterator[Secured]:
     tmp = tmp_path_factory.mktemp("secured")
-    url = f"sqlite+aiosqlite:///{tmp / 'disposition.db'}"
+    url = stack_database_url  # a new SQLite file, or a new PostgreSQL schema at head
     server = ServerProcess(url, tmp / "server.log", METRICS_PORT="0")
     server.start()
     try:
