@@ -263,13 +263,13 @@ local function from_grpc_status(code, message, details)
       end
     end
   end
-  if code == 1 then message = "Service unavailable" end
-  if status == 503 and headers["retry-after"] == nil then headers["retry-after"] = "1" end
   if code == 8 and headers["retry-after"] == nil then
     -- RESOURCE_EXHAUSTED without our RetryInfo: not the partner's rate limit but the server's
     -- limit of concurrent calls (grpc's "Concurrent RPC limit exceeded!"). Overload: 503.
-    return 503, envelope('"Service unavailable"'), { ["retry-after"] = "1" }
+    status = 503
   end
+  -- CANCELLED and the concurrency limit carry grpc's own words; say it the documented way.
+  if code == 1 or (code == 8 and status == 503) then message = "Service unavailable" end
   return status, envelope('"' .. message .. '"', errors), headers
 end
 
@@ -382,10 +382,10 @@ function envoy_on_response(handle)
       status = http_status
       local message = MESSAGE_FOR_STATUS[status] or (status >= 500 and "Internal server error" or "Bad request")
       new_body, extra = envelope(json_string(message)), {}
-      if status == 503 then
-        -- No replica could take it (all busy, ejected or down): try again shortly.
-        extra["retry-after"] = "1"
-      end
+    end
+    if status == 503 and extra["retry-after"] == nil then
+      -- Overloaded, shutting down, or no replica to take it: every 503 says try again shortly.
+      extra["retry-after"] = "1"
     end
   end
 

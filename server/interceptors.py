@@ -56,13 +56,16 @@ def _headers(details: grpc.HandlerCallDetails) -> tuple[dict[str, str], frozense
     """Invocation metadata as a dict (the first of repeated keys wins; binary keys are dropped),
     and the identity headers that were repeated with different values."""
     headers: dict[str, str] = {}
-    conflicting: set[str] = set()
+    conflicting = _NONE  # no allocation per request in the usual case
     for key, value in details.invocation_metadata or ():
         # (setdefault first: every key is recorded, repeated or not)
         if (isinstance(value, str) and headers.setdefault(key, value) != value
                 and key in IDENTITY_HEADERS):  # fmt: skip
-            conflicting.add(key)
-    return headers, frozenset(conflicting)
+            conflicting = conflicting | {key}
+    return headers, conflicting
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 def _is_exempt(details: grpc.HandlerCallDetails) -> bool:

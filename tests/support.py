@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -283,3 +284,14 @@ class PostgresSchemas:
                 await db.dispose()
 
         run_in_thread(drop())
+
+
+class CommitWatch:
+    """Whether anybody committed a change to a SQLite file: `PRAGMA data_version`, read on a
+    connection of its own, moves whenever another connection commits one."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None)
+
+    def version(self) -> int:
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.openapi import DEFAULT_OUT
 from tests.rest_stack import Stack, start_stack
-from tests.support import Credentials, batch_item
+from tests.support import CommitWatch, Credentials, batch_item
 
 pytestmark = pytest.mark.envoy
 
@@ -53,12 +52,11 @@ class Fuzzed:
     def __init__(self, stack: Stack, partner: Credentials, db_path: Path) -> None:
         self.stack = stack
         self.partner = partner
-        self.watch = sqlite3.connect(db_path, isolation_level=None)
+        self.watch = CommitWatch(db_path)
         self.server_log = db_path.parent / "server.log"
 
     def data_version(self) -> int:
-        (version,) = self.watch.execute("PRAGMA data_version").fetchone()
-        return int(version)
+        return self.watch.version()
 
 
 @pytest.fixture(scope="module")

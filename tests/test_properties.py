@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 from disposition.v1 import disposition_service_pb2 as pb
 from gateway.envoy_process import EnvoyPorts, run_envoy
 from tests.http_helpers import call
-from tests.support import Credentials, ServerProcess, batch_item, onboard_at
+from tests.support import CommitWatch, Credentials, ServerProcess, batch_item, onboard_at
 
 pytestmark = pytest.mark.envoy
 
@@ -55,10 +54,10 @@ class Target:
     channel: grpc.Channel
     envoy: EnvoyPorts
     partner: Credentials
-    watch: sqlite3.Connection
+    watch: CommitWatch
 
     def data_version(self) -> int:
-        return int(self.watch.execute("PRAGMA data_version").fetchone()[0])
+        return self.watch.version()
 
     def raw_call(
         self, method: str, payload: bytes, metadata: tuple[tuple[str, str], ...] | None = None
@@ -87,7 +86,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             reply = call(envoy.http_port, "POST", "/api/v1/partner/ingest/batch-call",
                          json.dumps({"data": items}), partner.headers())  # fmt: skip
             assert reply.status == 200, reply.body
-            yield Target(channel, envoy, partner, sqlite3.connect(db, isolation_level=None))
+            yield Target(channel, envoy, partner, CommitWatch(db))
     finally:
         server.stop()
     assert "Traceback" not in (tmp / "server.log").read_text()

@@ -71,12 +71,8 @@ def optional_email(out: Violations, field: str, value: str) -> None:
 
 
 def optional_url(out: Violations, field: str, value: str) -> None:
-    if value and not is_http_url(value):
+    if value and _http_url(value) is None:
         out.append((field, f"{field} must be a URL address"))
-
-
-def is_http_url(value: str) -> bool:
-    return _http_url(value) is not None
 
 
 def _http_url(value: str) -> SplitResult | None:
