@@ -1,14 +1,15 @@
 """Engines and units of work.
 
-SQLite (the embedded default) gets one writer connection whose transactions
-start with `BEGIN IMMEDIATE`, so concurrent writers queue in the pool instead
-of failing with "database is locked" or sleeping in SQLite's busy handler, and
-a small pool of read-only connections that never block on the writer (WAL).
-Group commits of single updates write through a second connection in a thread
-of its own (`write_in_thread`, storage/sqlite_writer.py); one lock covers both
-writer connections, so they still queue in this process instead of meeting on
-SQLite's file lock.
-PostgreSQL uses one pooled engine for both; writers lock the rows they change.
+Writes of the partner API are units of work (storage/units.py), run by an engine of their own:
+- SQLite (the embedded default): each unit whole in a writer thread on its own sqlite3
+  connection (storage/sqlite_writer.py);
+- PostgreSQL: two statements through an asyncpg pool of its own (storage/postgres_writer.py).
+
+Everything else goes through SQLAlchemy: `read()` (autocommit: each statement its own snapshot)
+and `write()` (a transaction, for the admin's writes and migrations). On SQLite the SQLAlchemy
+writer is one connection whose transactions start with `BEGIN IMMEDIATE`, and one lock covers
+it and the writer thread, so the two writer connections of a process queue here instead of in
+SQLite's busy handler; readers never block on the writer (WAL).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from server import schema
 from server.schema import SchemaOutdated
 from server.settings import Settings
-from server.storage.sqlite_writer import SqliteWriter
+from server.storage.postgres_writer import PostgresUnits
+from server.storage.sqlite_writer import SqliteUnits, SqliteWriter
+from server.storage.units import Units
 
 __all__ = ["Database", "SchemaOutdated"]
 
@@ -39,10 +42,14 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._commit_listeners: list[Callable[[], None]] = []
+        # SQLite: one writer at a time in this process, whichever connection it uses.
+        self._write_lock: asyncio.Lock | None = None
+        self.units: Units
         if settings.is_sqlite:
             path = settings.sqlite_path()
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            assert path is not None  # Settings.check refuses in-memory databases
+            path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = create_async_engine(
                 settings.database_url, pool_size=1, max_overflow=0, pool_timeout=300
             )
@@ -58,30 +65,37 @@ class Database:
             # Readers run each statement in its own implicit transaction (no BEGIN round trip):
             # every hot-path read is a single statement.
             _sqlite_pragmas(self.reader.sync_engine, settings, begin=None)
-            # Group commits run whole in a thread of their own (a file database only).
-            self.sqlite_writer = (
-                SqliteWriter(path, synchronous=settings.sqlite_synchronous)
-                if path is not None
-                else None
+            self.sqlite_writer: SqliteWriter | None = SqliteWriter(
+                path, synchronous=settings.sqlite_synchronous
             )
+            self.units = SqliteUnits(self.sqlite_writer, self.write_in_thread)
         else:
             # `?search_path=<schema>` is ours, not asyncpg's: it becomes a server setting.
             url = make_url(settings.database_url).difference_update_query(["search_path"])
             server_settings = {}
             if settings.database_schema is not None:
                 server_settings["search_path"] = settings.database_schema
+            connect_args = {"server_settings": server_settings}
+            # The admin's writes and migrations: rare, so each checkout checks its connection.
             self.writer = create_async_engine(
-                url,
-                pool_size=10,
-                max_overflow=10,
-                pool_pre_ping=True,
-                connect_args={"server_settings": server_settings},
+                url, pool_size=2, max_overflow=8, pool_pre_ping=True, connect_args=connect_args
             )
-            self.reader = self.writer
+            # Reads: autocommit (no BEGIN and COMMIT round trips) and no ping per checkout; a
+            # connection the server dropped fails its statement once and the pool starts over.
+            self.reader = create_async_engine(
+                url,
+                pool_size=settings.database_pool_size,
+                max_overflow=0,
+                isolation_level="AUTOCOMMIT",
+                connect_args=connect_args,
+            )
             self.sqlite_writer = None
-        self._commit_listeners: list[Callable[[], None]] = []
-        # SQLite: one writer at a time in this process, whichever connection it uses.
-        self._write_lock: asyncio.Lock | None = None
+            self.units = PostgresUnits(
+                url.set(drivername="postgresql").render_as_string(hide_password=False),
+                schema=settings.database_schema,
+                pool_size=settings.database_pool_size,
+                on_commit=self._committed,
+            )
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every successful write() commit of this process."""
@@ -116,13 +130,9 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """Reads. On SQLite each statement sees the latest commit (no multi-statement snapshot)."""
-        if self.reader is self.writer:  # PostgreSQL: a read-only transaction of its own
-            async with self.reader.begin() as conn:
-                yield conn
-        else:  # SQLite: autocommit, each statement its own snapshot
-            async with self.reader.connect() as conn:
-                yield conn
+        """Reads; each statement sees the latest commit (no multi-statement snapshot)."""
+        async with self.reader.connect() as conn:  # autocommit: each statement its own snapshot
+            yield conn
 
     async def create_schema(self) -> str:
         """Migrate the database to the current schema (Alembic head; idempotent).
@@ -156,11 +166,9 @@ class Database:
         return make_url(self.settings.database_url).render_as_string(hide_password=True)
 
     async def dispose(self) -> None:
-        if self.sqlite_writer is not None:
-            await self.sqlite_writer.close()
+        await self.units.close()
         await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        await self.reader.dispose()
 
 
 def _sqlite_pragmas(engine: Engine, settings: Settings, *, begin: str | None) -> None:

@@ -13,10 +13,10 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from server.db import Database
+from server.storage.postgres_writer import PostgresUnits
 
 # 1 ms to 10 s: a cached read is ~1 ms, a 1,000-item batch on SQLite can take seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -84,7 +84,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         checked_out = GaugeMetricFamily(
             "disposition_db_pool_checked_out",
-            "Database connections in use, by pool (SQLite: writer and reader; PostgreSQL: one).",
+            "Database connections in use, by pool (writer, reader; PostgreSQL: units too).",
             labels=["pool"],
         )
         size = GaugeMetricFamily(
@@ -97,12 +97,17 @@ class _StateCollector(Collector):
             "Connections opened beyond the pool size (negative: not yet opened), by pool.",
             labels=["pool"],
         )
-        for name, engine in self._engines():
+        for name, engine in (("writer", self.db.writer), ("reader", self.db.reader)):
             pool = engine.sync_engine.pool
             if isinstance(pool, QueuePool):
                 checked_out.add_metric([name], pool.checkedout())
                 size.add_metric([name], pool.size())
                 overflow.add_metric([name], pool.overflow())
+        units = self.db.units
+        if isinstance(units, PostgresUnits) and (state := units.pool_state()) is not None:
+            opened, in_use = state
+            checked_out.add_metric(["units"], in_use)
+            size.add_metric(["units"], opened)
         yield checked_out
         yield size
         yield overflow
@@ -111,8 +116,3 @@ class _StateCollector(Collector):
             "Change-feed streams connected to this process.",
             value=self.feed_watchers(),
         )
-
-    def _engines(self) -> list[tuple[str, AsyncEngine]]:
-        if self.db.reader is self.db.writer:
-            return [("primary", self.db.writer)]
-        return [("writer", self.db.writer), ("reader", self.db.reader)]

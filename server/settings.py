@@ -23,6 +23,8 @@ class Settings:
     """Everything the server reads from its environment."""
 
     database_url: str = DEFAULT_DATABASE_URL
+    # PostgreSQL: connections of each pool (the units of work's, and the readers').
+    database_pool_size: int = 10
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     rate_limit_per_minute: int = 120
@@ -58,6 +60,7 @@ class Settings:
         env = os.environ if env is None else env
         settings = cls(
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=2),
             grpc_host=env.get("GRPC_HOST", "127.0.0.1"),
             grpc_port=_int(env, "GRPC_PORT", 50051, minimum=0),
             rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 120, minimum=1),
@@ -95,6 +98,8 @@ class Settings:
             raise SettingsError(
                 "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
             )
+        if self.is_sqlite and self.sqlite_path() is None:
+            raise SettingsError("DATABASE_URL must name a SQLite file (not an in-memory database)")
         try:
             schema = self.database_schema
         except ValueError as exc:  # sqlalchemy's ArgumentError is one too

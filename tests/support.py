@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,3 +295,36 @@ class CommitWatch:
 
     def version(self) -> int:
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+@asynccontextmanager
+async def failing_inserts(
+    db: Database, table: str, *, when: str = "true", message: str = "disk full (injected)"
+) -> AsyncIterator[None]:
+    """INSERTs into `table` whose new row meets `when` (SQL on NEW) fail inside the database (a
+    trigger) until the block ends: what a full disk does mid-transaction, on either engine."""
+    name = f"fail_{table}"
+    async with db.write() as conn:
+        if conn.dialect.name == "sqlite":
+            await conn.exec_driver_sql(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {when}"
+                f" BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        else:
+            await conn.exec_driver_sql(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+                f" $$ BEGIN RAISE EXCEPTION '{message}'; END $$"
+            )
+            await conn.exec_driver_sql(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW"
+                f" WHEN ({when}) EXECUTE FUNCTION {name}()"
+            )
+    try:
+        yield
+    finally:
+        async with db.write() as conn:
+            await conn.exec_driver_sql(
+                f"DROP TRIGGER {name}" + ("" if conn.dialect.name == "sqlite" else f" ON {table}")
+            )
+            if conn.dialect.name != "sqlite":
+                await conn.exec_driver_sql(f"DROP FUNCTION {name}()")

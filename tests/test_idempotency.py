@@ -4,6 +4,7 @@ through real Envoy + a real disposition-server process (status, body bytes, head
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
@@ -31,12 +32,11 @@ from server.models import (
     IdempotencyRecord,
     Partner,
 )
-from server.storage import calls
-from server.storage import idempotency as key_storage
+from server.storage.units import Plan, Reads, Snapshot
 from tests.grpc_helpers import batch_request, details, history, violations
 from tests.http_helpers import assert_rest_reply
 from tests.rest_stack import BATCH, Stack, start_stack
-from tests.support import Credentials, batch_item, onboard, settings_for
+from tests.support import Credentials, batch_item, failing_inserts, onboard, settings_for
 
 REPLAYED = "idempotent-replayed"
 REUSED = [("Idempotency-Key", "Idempotency-Key was already used with a different request")]
@@ -280,32 +280,24 @@ async def test_rejected_request_does_not_use_up_the_key(
 
 
 async def test_failure_after_the_batch_stores_neither_batch_nor_key(
-    ingestion: Any, partner: Credentials, db: Database, monkeypatch: pytest.MonkeyPatch
+    ingestion: Any, partner: Credentials, db: Database
 ) -> None:
-    async def broken(*_args: Any, **_kwargs: Any) -> None:
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(key_storage, "store_response", broken)
-    error = await refused(ingestion, partner, two_calls(), "k1")
+    async with failing_inserts(db, "idempotency_keys"):
+        error = await refused(ingestion, partner, two_calls(), "k1")
     assert error.code() == grpc.StatusCode.INTERNAL
     assert (await count(db, Call), await count(db, Customer), await stored_keys(db)) == (0, 0, [])
-    monkeypatch.undo()
     reply, _, replayed = await send(ingestion, partner, two_calls(), key="k1")
     assert (reply.data.created_calls, replayed) == (2, None)
 
 
 async def test_failure_during_the_batch_releases_the_key(
-    ingestion: Any, partner: Credentials, db: Database, monkeypatch: pytest.MonkeyPatch
+    ingestion: Any, partner: Credentials, db: Database
 ) -> None:
-    async def broken(*_args: Any, **_kwargs: Any) -> None:
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(calls, "insert_calls", broken)
-    assert (await refused(ingestion, partner, two_calls(), "k1")).code() == (
-        grpc.StatusCode.INTERNAL
-    )
+    async with failing_inserts(db, "calls"):
+        assert (await refused(ingestion, partner, two_calls(), "k1")).code() == (
+            grpc.StatusCode.INTERNAL
+        )
     assert (await count(db, Customer), await stored_keys(db)) == (0, [])
-    monkeypatch.undo()
     assert (await send(ingestion, partner, two_calls(), key="k1"))[0].data.created_calls == 2
 
 
@@ -436,7 +428,9 @@ async def test_postgres_concurrent_requests_with_one_key_apply_once(
 
 
 @pytest.mark.postgres
-async def test_postgres_claim_waits_for_the_first_transaction(pg_url: str) -> None:
+async def test_postgres_twin_waits_for_the_first_transaction(pg_url: str) -> None:
+    """A unit whose key another transaction is inserting waits for it: if that one rolls back,
+    the unit stores its own outcome; if it commits, the unit reads again and replays it."""
     db = Database(settings_for(pg_url))
     await onboard(db, "123")
     async with db.read() as conn:
@@ -449,32 +443,42 @@ async def test_postgres_claim_waits_for_the_first_transaction(pg_url: str) -> No
         return data
 
     async def twin(request: idempotency.IdempotentRequest | None) -> Any:
-        async with db.write() as conn:
-            result = await idempotency.claim(conn, request, decode)
-            if result is None:
-                await idempotency.record(conn, request, {"by": "twin"})
-            return result
+        def decide(snapshot: Snapshot) -> tuple[Plan | None, Any]:
+            if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
+                return None, replayed
+            now = datetime.now(UTC)
+            key = idempotency.record(request, {"by": "twin"}, snapshot.key, now)
+            return Plan(now, key=key), idempotency.Result({"by": "twin"})
 
-    try:
-        # The first transaction crashes before its commit: the waiting twin takes the key.
-        crashing = idempotency.prepare("k1", method="M", payload=[1])
-        with pytest.raises(RuntimeError):
+        return await db.units.run(Reads(key=idempotency.ref(request)), decide)
+
+    async def first(request: idempotency.IdempotentRequest, *, commit: bool) -> Any:
+        """The key inserted by another transaction that ends after the twin started."""
+        with contextlib.suppress(RuntimeError):
             async with db.write() as conn:
-                assert await idempotency.claim(conn, crashing, decode) is None
-                waiting = asyncio.create_task(twin(crashing))
+                await conn.execute(
+                    insert(IdempotencyRecord).values(
+                        partner_pk=partner_pk, key=request.key, method=request.method,
+                        fingerprint=request.fingerprint, response=json.dumps({"by": "first"}),
+                        created_at=datetime.now(UTC),
+                    )
+                )  # fmt: skip
+                waiting = asyncio.create_task(twin(request))
                 await asyncio.sleep(0.5)
                 assert not waiting.done()  # blocked on the uncommitted key
-                raise RuntimeError("crash")
-        assert await waiting is None
-        # The first transaction commits: the waiting twin replays its outcome.
+                if not commit:
+                    raise RuntimeError("crash")
+        return await waiting
+
+    try:
+        crashing = idempotency.prepare("k1", method="M", payload=[1])
+        assert crashing is not None
+        assert await first(crashing, commit=False) == idempotency.Result({"by": "twin"})
         request = idempotency.prepare("k2", method="M", payload=[1])
-        async with db.write() as conn:
-            assert await idempotency.claim(conn, request, decode) is None
-            waiting = asyncio.create_task(twin(request))
-            await asyncio.sleep(0.5)
-            assert not waiting.done()
-            await idempotency.record(conn, request, {"by": "first"})
-        assert await waiting == idempotency.Result({"by": "first"}, replayed=True)
+        assert request is not None
+        assert await first(request, commit=True) == idempotency.Result(
+            {"by": "first"}, replayed=True
+        )
         assert [key for key, _ in await stored_keys(db)] == ["k1", "k2"]
     finally:
         context.current.reset(token)

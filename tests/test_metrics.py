@@ -122,12 +122,14 @@ async def test_rpc_counts_latency_rejections_pools_and_watchers(metered: App, db
     assert value(samples, "disposition_rate_limit_rejections_total", partner_id="123") is None
     assert value(samples, "disposition_rate_limiter_fail_opens_total") == 0
     # Nothing is in use between requests. SQLite: one writer connection and four readers.
+    pools = {"writer": metered.db.writer, "reader": metered.db.reader}
     if metered.settings.is_sqlite:
-        pools = {"writer": metered.db.writer, "reader": metered.db.reader}
         assert value(samples, "disposition_db_pool_size", pool="writer") == 1
         assert value(samples, "disposition_db_pool_size", pool="reader") == 4
-    else:
-        pools = {"primary": metered.db.writer}
+        assert value(samples, "disposition_db_pool_size", pool="units") is None
+    else:  # the units of work's own pool (asyncpg), opened by the first write
+        assert (value(samples, "disposition_db_pool_size", pool="units") or 0) >= 1
+        assert value(samples, "disposition_db_pool_checked_out", pool="units") == 0
     for pool, engine in pools.items():
         size = engine.sync_engine.pool.size()  # type: ignore[attr-defined]
         assert value(samples, "disposition_db_pool_size", pool=pool) == size

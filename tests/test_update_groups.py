@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-import pytest
 from sqlalchemy import select
 
 from server.app import App
@@ -19,7 +18,7 @@ from server.domain import catalogs, update_groups
 from server.domain.catalogs import Disposition
 from server.models import Customer, DispositionHistory
 from tests.grpc_helpers import ingest, update_request
-from tests.support import Credentials
+from tests.support import Credentials, failing_inserts
 
 WRITERS = 24
 
@@ -124,56 +123,31 @@ async def test_a_status_outside_the_catalog_fails_alone(
 
 
 async def test_a_failed_group_commit_fails_every_update_in_it_and_acknowledges_none(
-    app: App,
-    dispositions: Any,
-    ingestion: Any,
-    partner: Credentials,
-    db: Database,
-    monkeypatch: pytest.MonkeyPatch,
+    app: App, dispositions: Any, ingestion: Any, partner: Credentials, db: Database
 ) -> None:
     customers_ = [f"f-{i}" for i in range(WRITERS)]
     await ingest(ingestion, partner, *customers_)
+    request_ids = [f"fr-doom-{i}" if i % 5 == 0 else f"fr-{i}" for i in range(WRITERS)]
     groups = record_groups(app)
-    failed: list[list[str]] = []
-
-    def fail_if_grouped(changes: Sequence[Any]) -> None:
-        if len(changes) >= 2:
-            failed.append([c.request_id for c in changes])
-            raise RuntimeError("disk full (injected)")
-
-    # The writes happen, then the transaction fails. SQLite files: the group runs whole in the
-    # writer's thread (sqlite_writer.py); PostgreSQL: through the async connection.
-    if app.db.sqlite_writer is not None:
-        real_sync = update_groups.sqlite_writer.append_changes
-
-        def sync_append_or_fail(conn: Any, changes: Sequence[Any], *, now: Any) -> None:
-            real_sync(conn, changes, now=now)
-            fail_if_grouped(changes)
-
-        monkeypatch.setattr(update_groups.sqlite_writer, "append_changes", sync_append_or_fail)
-    else:
-        real_append = update_groups.customers.append_changes
-
-        async def append_or_fail(conn: Any, changes: Sequence[Any], *, now: Any) -> None:
-            await real_append(conn, changes, now=now)
-            fail_if_grouped(changes)
-
-        monkeypatch.setattr(update_groups.customers, "append_changes", append_or_fail)
-    results = await asyncio.gather(
-        *(
-            outcome(
-                dispositions.UpdateDispositionStatus(
-                    update_request(customer, "interested"),
-                    metadata=partner.metadata(x_request_id=f"fr-{i}"),
+    # The database refuses the history rows of the "doom" requests, after the group's other
+    # writes: the whole unit fails.
+    async with failing_inserts(db, "disposition_history", when="NEW.request_id LIKE 'fr-doom%'"):
+        results = await asyncio.gather(
+            *(
+                outcome(
+                    dispositions.UpdateDispositionStatus(
+                        update_request(customer, "interested"),
+                        metadata=partner.metadata(x_request_id=request_id),
+                    )
                 )
+                for request_id, customer in zip(request_ids, customers_, strict=True)
             )
-            for i, customer in enumerate(customers_)
         )
-    )
 
-    assert failed, f"no group of 2 or more formed: {groups}"
+    failed = [group for group in groups if any("doom" in rid for rid in group)]
+    assert any(len(group) >= 2 for group in failed), f"no doomed group of 2 or more: {groups}"
     doomed = {rid for group in failed for rid in group}
-    by_request = dict(zip((f"fr-{i}" for i in range(WRITERS)), results, strict=True))
+    by_request = dict(zip(request_ids, results, strict=True))
     assert {rid for rid, code in by_request.items() if code != "OK"} == doomed
     assert {by_request[rid] for rid in doomed} == {"INTERNAL"}
     rows = await rows_by_request(db)
@@ -183,6 +157,6 @@ async def test_a_failed_group_commit_fails_every_update_in_it_and_acknowledges_n
         statuses = dict(
             (await conn.execute(select(Customer.customer_id, Customer.disposition_status))).all()
         )
-    for i, customer in enumerate(customers_):
-        expected = None if f"fr-{i}" in doomed else "interested"
+    for request_id, customer in zip(request_ids, customers_, strict=True):
+        expected = None if request_id in doomed else "interested"
         assert statuses[customer] == expected, customer

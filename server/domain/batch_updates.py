@@ -12,15 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from server import context
 from server.db import Database
 from server.domain import catalogs, idempotency, validation
 from server.domain.ingestion import MAX_BATCH
 from server.errors import ValidationFailed
-from server.storage import customers
-from server.storage.customers import StatusChange
+from server.storage.units import Change, Plan, Reads, Scope, Snapshot
 
 SOURCE_BATCH_UPDATE = "batch_update"
 METHOD = "disposition.v1.DispositionService/BatchUpdateDispositionStatus"  # idempotency keys
@@ -112,39 +109,48 @@ async def batch_update(
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
     batch = prepare_batch(items)
-    async with db.write() as conn:
-        if (replayed := await idempotency.claim(conn, request, decode)) is not None:
-            return replayed
-        outcome = await apply_batch(conn, batch)
-        await idempotency.record(conn, request, outcome)
-    return idempotency.Result(outcome)
-
-
-async def apply_batch(conn: AsyncConnection, batch: PreparedBatch) -> BatchUpdateOutcome:
-    """Check the catalog and the customers, then apply the valid items in order, on `conn`.
-
-    Runs inside the caller's write transaction (which it never commits), so the catalog it
-    checks against is the one in force when the changes commit.
-    """
     ctx = context.get()
-    tenant_id, sub_tenant_id, partner_pk = ctx.tenant_id, ctx.sub_tenant_id, ctx.partner_pk
-    assert tenant_id is not None and sub_tenant_id is not None and partner_pk is not None
+    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
+    assert ctx.partner_pk is not None
+    scope = Scope(ctx.tenant_id, ctx.sub_tenant_id)
+    who = (SOURCE_BATCH_UPDATE, ctx.partner_pk, ctx.request_id)
+    valid = [i for i, found in enumerate(batch.problems) if not found]
+    reads = Reads(
+        customers={scope: [items[i].customer_id for i in valid]},
+        catalogs=[scope] if any(items[i].disposition_status for i in valid) else [],
+        key=idempotency.ref(request),
+    )
+
+    def decide(snapshot: Snapshot) -> tuple[Plan | None, idempotency.Result[BatchUpdateOutcome]]:
+        if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
+            return None, replayed
+        now = datetime.now(UTC)
+        outcome, changes = judge_batch(batch, scope, snapshot, who)
+        key = idempotency.record(request, outcome, snapshot.key, now)
+        plan = Plan(now, changes, key=key) if changes or key else None
+        return plan, idempotency.Result(outcome)
+
+    return await db.units.run(reads, decide)
+
+
+def judge_batch(
+    batch: PreparedBatch, scope: Scope, snapshot: Snapshot, who: tuple[str, int, str]
+) -> tuple[BatchUpdateOutcome, list[Change]]:
+    """Check the catalog and the customers, then apply the valid items in order (pure).
+
+    `who`: the source, partner and request id that the history rows record.
+    """
     items, problems = batch.items, [list(found) for found in batch.problems]
-    if any(item.disposition_status and not problems[i] for i, item in enumerate(items)):
-        catalog = await catalogs.load(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
+    catalog = catalogs.in_force(snapshot.catalogs[scope]) if scope in snapshot.catalogs else None
+    if catalog is not None:
         for index, item in enumerate(items):
             if not problems[index]:
                 catalog.check(
                     problems[index], f"items[{index}].disposition_status", item.disposition_status
                 )
-    known = await customers.lock_customers(
-        conn,
-        tenant_id=tenant_id,
-        sub_tenant_id=sub_tenant_id,
-        customer_ids=[item.customer_id for i, item in enumerate(items) if not problems[i]],
-    )
+    known = snapshot.customers.get(scope, {})
     current = {cid: state.disposition_status for cid, state in known.items()}
-    changes: list[StatusChange] = []
+    changes: list[Change] = []
     outcomes: list[ItemOutcome] = []
     for index, item in enumerate(items):
         cid, wanted = item.customer_id, item.disposition_status
@@ -158,18 +164,12 @@ async def apply_batch(conn: AsyncConnection, batch: PreparedBatch) -> BatchUpdat
             new_status = previous if wanted is None else wanted or None
             changed = new_status != previous
             if changed:
-                changes.append(StatusChange(state.pk, previous, new_status))
+                source, partner_pk, request_id = who
+                changes.append(
+                    Change(*scope, cid, state.pk, previous, new_status, source, partner_pk,
+                           request_id)
+                )  # fmt: skip
                 current[cid] = new_status
             outcome = ItemOutcome(index, cid, OK, changed=changed)
         outcomes.append(outcome)
-    await customers.apply_status_changes(
-        conn,
-        tenant_id=tenant_id,
-        sub_tenant_id=sub_tenant_id,
-        changes=changes,
-        source=SOURCE_BATCH_UPDATE,
-        partner_pk=partner_pk,
-        request_id=ctx.request_id,
-        now=datetime.now(UTC),
-    )
-    return BatchUpdateOutcome(outcomes)
+    return BatchUpdateOutcome(outcomes), changes

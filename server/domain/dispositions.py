@@ -7,6 +7,7 @@ from server.db import Database
 from server.domain import update_groups, validation
 from server.errors import CustomerNotFound, ValidationFailed
 from server.storage import customers
+from server.storage.units import Scope
 
 SOURCE_UPDATE = "disposition_update"
 
@@ -42,12 +43,11 @@ async def update_disposition_status(
         return False
     return await update_groups.groups_of(db).submit(
         update_groups.PendingUpdate(
-            tenant_id=tenant_id,
-            sub_tenant_id=sub_tenant_id,
-            customer_id=customer_id,
-            new_status=disposition_status or None,
-            partner_pk=partner_pk,
-            request_id=ctx.request_id,
-            source=SOURCE_UPDATE,
+            Scope(tenant_id, sub_tenant_id),
+            customer_id,
+            disposition_status or None,
+            partner_pk,
+            ctx.request_id,
+            SOURCE_UPDATE,
         )
     )

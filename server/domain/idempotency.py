@@ -4,18 +4,24 @@ Like Stripe's: keys are per partner and kept for 24 hours; only a request that e
 successfully stores its outcome (a rejected one can be fixed and sent again under the same
 key); the same key with another body, tenant or endpoint is refused.
 
-A write operation uses it in four steps, with the same `decode` for both replay paths:
+A write operation uses it in three steps, with the same `decode` for both replay paths:
 
     request = idempotency.prepare(raw_key, method=METHOD, payload=items)
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
-        return replayed                                   # before validation: no write lock
+        return replayed                            # before validation: no write at all
     ...validate...
-    async with db.write() as conn:
-        if (replayed := await idempotency.claim(conn, request, decode)) is not None:
-            return replayed                               # a concurrent twin committed first
-        ...apply, build the outcome (a dataclass)...
-        await idempotency.record(conn, request, outcome)  # commits with the changes
-    return idempotency.Result(outcome)
+    reads = Reads(..., key=idempotency.ref(request))
+
+    def decide(snapshot):                          # the unit of work (storage/units.py)
+        if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
+            return None, replayed                  # a concurrent twin committed first
+        ...build the plan and the outcome (a dataclass)...
+        plan.key = idempotency.record(request, outcome, snapshot.key, now)
+        return plan, idempotency.Result(outcome)   # the key commits with the changes
+
+A twin running at the same moment writes nothing: on SQLite the single writer runs the units
+one after the other, so the second reads the first one's key; on PostgreSQL the second one's
+insert of the key waits for the first and finds it taken, so its unit reads and decides again.
 
 Every step accepts `request=None` (no key sent) and then does nothing.
 """
@@ -30,19 +36,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from server import context
 from server.db import Database
 from server.errors import IdempotencyKeyReused, InvalidIdempotencyKey
 from server.storage import idempotency as keys
 from server.storage.idempotency import StoredKey
+from server.storage.units import KeyRecord, KeyRef
 
 HEADER = "idempotency-key"  # request metadata / HTTP header `Idempotency-Key`
 REPLAYED_HEADER = "idempotent-replayed"  # response metadata / HTTP header, "true" on a replay
 MAX_KEY_LENGTH = 255
 TTL = timedelta(hours=24)
-PRUNE_LIMIT = 100  # expired keys deleted per stored key
 
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
@@ -125,57 +129,45 @@ async def replay(
         return None
     async with db.read() as conn:
         stored = await keys.find_key(conn, partner_pk=request.partner_pk, key=request.key)
-    if stored is None or stored.response == keys.PENDING or _expired(stored, _now()):
+    if stored is None or _expired(stored, _now()):
         return None
     return _replayed(stored, request, decode)
 
 
-async def claim(
-    conn: AsyncConnection, request: IdempotentRequest | None, decode: Callable[[Any], T]
-) -> Result[T] | None:
-    """First step of the write transaction: None when this request may run (the key is now
-    held until commit, and record() must store its outcome), else the stored outcome.
+def ref(request: IdempotentRequest | None) -> KeyRef | None:
+    """The key a unit of work reads (None without one)."""
+    return None if request is None else KeyRef(request.partner_pk, request.key)
 
-    A concurrent request with the same key waits here until the first one commits (PostgreSQL:
-    the key's unique index; SQLite: the single writer), then replays its outcome. An expired
-    key is taken over as new. Raises IdempotencyKeyReused like replay().
+
+def replayed(
+    stored: StoredKey | None, request: IdempotentRequest | None, decode: Callable[[Any], T]
+) -> Result[T] | None:
+    """In a unit of work: the outcome stored with the key as the unit read it, None when the
+    request must run (no key sent, none stored, or an expired one it takes over).
+
+    Raises IdempotencyKeyReused when the key was used for a different request.
     """
+    if request is None or stored is None or _expired(stored, _now()):
+        return None
+    return _replayed(stored, request, decode)
+
+
+def record(
+    request: IdempotentRequest | None, outcome: object, stored: StoredKey | None, now: datetime
+) -> KeyRecord | None:
+    """In a unit of work: the key and the outcome to store with the changes (None without a
+    key); `stored` is the expired record it takes over, if any."""
     if request is None:
         return None
-    now = _now()
-    partner_pk, key = request.partner_pk, request.key
-    method, fingerprint_ = request.method, request.fingerprint
-    for _ in range(3):  # the key may be pruned between the two statements: claim it again
-        if await keys.claim_key(
-            conn, partner_pk=partner_pk, key=key, method=method, fingerprint=fingerprint_, now=now
-        ):
-            return None
-        stored = await keys.find_key(conn, partner_pk=partner_pk, key=key, for_update=True)
-        if stored is None:
-            continue
-        if _expired(stored, now):
-            await keys.reclaim_key(
-                conn,
-                partner_pk=partner_pk,
-                key=key,
-                method=method,
-                fingerprint=fingerprint_,
-                now=now,
-            )
-            return None
-        return _replayed(stored, request, decode)
-    raise RuntimeError(f"idempotency key of partner {request.partner_pk} could not be claimed")
-
-
-async def record(conn: AsyncConnection, request: IdempotentRequest | None, outcome: object) -> None:
-    """Last step of the write transaction: store the outcome with the key (as to_json(outcome)),
-    and delete a few expired keys."""
-    if request is None:
-        return
-    await keys.store_response(
-        conn, partner_pk=request.partner_pk, key=request.key, response=to_json(outcome)
+    return KeyRecord(
+        request.partner_pk,
+        request.key,
+        request.method,
+        request.fingerprint,
+        to_json(outcome),
+        None if stored is None else stored.created_at,
+        now - TTL,
     )
-    await keys.delete_expired(conn, before=_now() - TTL, limit=PRUNE_LIMIT)
 
 
 def _replayed(
@@ -183,8 +175,6 @@ def _replayed(
 ) -> Result[T]:
     if stored.method != request.method or stored.fingerprint != request.fingerprint:
         raise IdempotencyKeyReused()
-    if stored.response == keys.PENDING:  # only the claiming transaction itself could see this
-        raise RuntimeError("idempotency key claimed twice in one transaction")
     return Result(decode(json.loads(stored.response)), replayed=True)
 
 

@@ -11,13 +11,12 @@ from server import context
 from server.db import Database
 from server.domain import catalogs, idempotency, validation
 from server.errors import ValidationFailed
-from server.storage import calls, customers
-from server.storage.customers import StatusChange
+from server.storage.customers import CustomerState
+from server.storage.units import Change, NewCall, NewCustomer, Plan, Profile, Reads, Scope, Snapshot
 
 MAX_BATCH = 1000
 SOURCE_BATCH_CALL = "batch_call"
 METHOD = "disposition.v1.CallIngestionService/IngestBatchCalls"  # for idempotency keys
-_ATTEMPTS = 3  # a batch racing another one for the same call ids starts over (PostgreSQL)
 
 
 # The inputs and outcomes below are made a thousand per batch: not frozen, because a frozen
@@ -164,120 +163,93 @@ def _validate_item(
 async def ingest_batch(
     db: Database, *, items: Sequence[BatchItem], idempotency_key: str | None = None
 ) -> idempotency.Result[BatchOutcome]:
-    """Validate everything, then store every new call in one transaction.
+    """Validate everything, then store every new call in one unit of work.
 
-    Customer statuses must be in the tenant's catalog (when it has one), read in the write
-    transaction itself; any problem rejects the whole batch. With an idempotency key, a
-    repeated request gets the stored outcome of the first one, which commits with the batch.
+    Customer statuses must be in the tenant's catalog (when it has one), read in the unit
+    itself; any problem rejects the whole batch. With an idempotency key, a repeated request
+    gets the stored outcome of the first one, which commits with the batch.
     """
     ctx = context.get()
     assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
-    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
+    scope = Scope(ctx.tenant_id, ctx.sub_tenant_id)
     request = idempotency.prepare(idempotency_key, method=METHOD, payload=items)
-    if (replayed := await idempotency.replay(db, request, BatchOutcome.from_json)) is not None:
+    decode = BatchOutcome.from_json
+    if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
     try:
-        times = validate_batch(items)  # field rules first, without holding the write lock
+        times = validate_batch(items)  # field rules first, without a unit of work
     except ValidationFailed:
         # Name the statuses the catalog refuses in the same reply (nothing is written here).
         async with db.read() as conn:
-            catalog = await catalogs.load(conn, **scope)
+            catalog = await catalogs.load(conn, tenant_id=scope[0], sub_tenant_id=scope[1])
         if catalog.restricted:
             validate_batch(items, catalog)
         raise
-    now = datetime.now(UTC)
-    for _ in range(_ATTEMPTS):
-        try:
-            return await _store(db, items, times, request, now)
-        except _CallsRaced:
-            continue
-    raise RuntimeError(f"batch-call: call ids raced {_ATTEMPTS} times")
+    who = _Who(ctx.partner_pk, ctx.request_id)
+    reads = Reads(
+        customers={scope: [item.customer.id for item in items if item.customer is not None]},
+        catalogs=[scope],
+        calls=(ctx.partner_pk, [item.call.id for item in items if item.call is not None]),
+        key=idempotency.ref(request),
+    )
+
+    def decide(snapshot: Snapshot) -> tuple[Plan | None, idempotency.Result[BatchOutcome]]:
+        if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
+            return None, replayed
+        now = datetime.now(UTC)
+        plan, outcome = plan_batch(items, times, scope, snapshot, who, now)
+        plan.key = idempotency.record(request, outcome, snapshot.key, now)
+        return plan, idempotency.Result(outcome)
+
+    return await db.units.run(reads, decide)
 
 
-class _CallsRaced(Exception):
-    """Calls this transaction meant to create were committed meanwhile by another one."""
+@dataclass(frozen=True, slots=True)
+class _Who:
+    """Who ingests: what the calls and the history rows record."""
+
+    partner_pk: int
+    request_id: str
 
 
-async def _store(
-    db: Database,
+def plan_batch(
     items: Sequence[BatchItem],
     times: list[tuple[datetime, datetime]],
-    request: idempotency.IdempotentRequest | None,
+    scope: Scope,
+    snapshot: Snapshot,
+    who: _Who,
     now: datetime,
-) -> idempotency.Result[BatchOutcome]:
-    """The write transaction of ingest_batch (raises _CallsRaced to be run again)."""
-    ctx = context.get()
-    assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
-    scope = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id}
-    async with db.write() as conn:
-        if (replayed := await idempotency.claim(conn, request, BatchOutcome.from_json)) is not None:
-            return replayed
-        catalog = await catalogs.load(conn, **scope)
-        catalog.require(
-            (f"data[{index}].customer.disposition_status", item.customer.disposition_status)
-            for index, item in enumerate(items)
-            if item.customer is not None
-        )
-        duplicates = await calls.existing_call_ids(
-            conn, partner_pk=ctx.partner_pk, call_ids=[item.call.id for item in items if item.call]
-        )
-        fresh = [
-            (index, item)
-            for index, item in enumerate(items)
-            if item.call is not None and item.call.id not in duplicates
-        ]
-        wanted = [item.customer.id for _, item in fresh if item.customer]
-        known = await customers.lock_customers(conn, customer_ids=wanted, **scope)
-        profiles: dict[str, tuple[str | None, str | None]] = {}
-        for _, item in fresh:  # the latest non-empty name and email win
-            assert item.customer is not None
-            name, email = profiles.get(item.customer.id, (None, None))
-            profiles[item.customer.id] = (item.customer.name or name, item.customer.email or email)
-        missing = [(cid, *profile) for cid, profile in profiles.items() if cid not in known]
-        created = await customers.insert_customers(conn, customers=missing, now=now, **scope)
-        if raced := [cid for cid, _, _ in missing if cid not in created]:
-            # Created by a concurrent batch that has committed since: lock and use them.
-            known.update(await customers.lock_customers(conn, customer_ids=raced, **scope))
-        keys = {cid: state.pk for cid, state in known.items()}
-        keys.update(created)
-        for cid, (name, email) in profiles.items():
-            if cid in known and (name or email):
-                await customers.update_profile(
-                    conn, customer_pk=keys[cid], name=name, email=email, now=now
-                )
-        changes = _status_changes(fresh, keys, known)
-        inserted = await calls.insert_calls(
-            conn,
-            rows=[
-                _call_row(
-                    item,
-                    keys,
-                    times[index],
-                    ctx.partner_pk,
-                    ctx.request_id,
-                    now,
-                    ctx.tenant_id,
-                    ctx.sub_tenant_id,
-                )
-                for index, item in fresh
-            ],
-        )
-        if len(inserted) < len(fresh):
-            # A concurrent batch of this partner stored some of these calls and has committed
-            # since existing_call_ids: roll back and start over, they are duplicates now.
-            raise _CallsRaced
-        await customers.apply_status_changes(
-            conn,
-            changes=changes,
-            source=SOURCE_BATCH_CALL,
-            partner_pk=ctx.partner_pk,
-            request_id=ctx.request_id,
-            now=now,
-            **scope,
-        )
-        outcome = _outcome(items, duplicates, set(created))
-        await idempotency.record(conn, request, outcome)
-    return idempotency.Result(outcome)
+) -> tuple[Plan, BatchOutcome]:
+    """What storing a valid batch writes, and its outcome (pure; raises ValidationFailed for a
+    status the catalog in force refuses)."""
+    catalogs.in_force(snapshot.catalogs[scope]).require(
+        (f"data[{index}].customer.disposition_status", item.customer.disposition_status)
+        for index, item in enumerate(items)
+        if item.customer is not None
+    )
+    duplicates = snapshot.existing_calls
+    fresh = [
+        (index, item)
+        for index, item in enumerate(items)
+        if item.call is not None and item.call.id not in duplicates
+    ]
+    known = snapshot.customers[scope]
+    profiles: dict[str, tuple[str | None, str | None]] = {}
+    for _, item in fresh:  # the latest non-empty name and email win
+        assert item.customer is not None
+        name, email = profiles.get(item.customer.id, (None, None))
+        profiles[item.customer.id] = (item.customer.name or name, item.customer.email or email)
+    plan = Plan(now)
+    statuses = _status_changes(plan, fresh, known, scope, who)
+    for cid, (name, email) in profiles.items():
+        state = known.get(cid)
+        if state is None:
+            plan.new_customers.append(NewCustomer(*scope, cid, name, email, statuses.get(cid)))
+        elif name or email:
+            plan.profiles.append(Profile(state.pk, name, email))
+    plan.calls = [_call_row(item, known, times[index], who, scope) for index, item in fresh]
+    created = {new.customer_id for new in plan.new_customers}
+    return plan, _outcome(items, duplicates, created)
 
 
 def _outcome(
@@ -304,44 +276,49 @@ def _outcome(
 
 
 def _status_changes(
+    plan: Plan,
     fresh: Sequence[tuple[int, BatchItem]],
-    keys: dict[str, int],
-    known: dict[str, customers.CustomerState],
-) -> list[StatusChange]:
-    """Apply the items' statuses in order; one change per real transition."""
+    known: dict[str, CustomerState],
+    scope: Scope,
+    who: _Who,
+) -> dict[str, str | None]:
+    """Apply the items' statuses in order, one change per real transition, into `plan`; each
+    touched customer's resulting status (a new customer starts without one)."""
     current = {cid: state.disposition_status for cid, state in known.items()}
-    changes: list[StatusChange] = []
     for _, item in fresh:
         assert item.customer is not None
         wanted = item.customer.disposition_status
         if wanted is None:
             continue
+        cid = item.customer.id
         new_status = wanted or None
-        previous = current.get(item.customer.id)
+        previous = current.get(cid)
         if new_status != previous:
-            changes.append(StatusChange(keys[item.customer.id], previous, new_status))
-            current[item.customer.id] = new_status
-    return changes
+            state = known.get(cid)
+            plan.changes.append(
+                Change(*scope, cid, None if state is None else state.pk, previous, new_status,
+                       SOURCE_BATCH_CALL, who.partner_pk, who.request_id)
+            )  # fmt: skip
+            current[cid] = new_status
+    return current
 
 
 def _call_row(
     item: BatchItem,
-    keys: dict[str, int],
+    known: dict[str, CustomerState],
     times: tuple[datetime, datetime],
-    partner_pk: int,
-    request_id: str,
-    now: datetime,
-    tenant_id: str,
-    sub_tenant_id: str,
-) -> calls.CallRow:
+    who: _Who,
+    scope: Scope,
+) -> NewCall:
     call, agent, customer = item.call, item.agent, item.customer
     assert call is not None and agent is not None and customer is not None
-    return calls.CallRow(
-        partner_pk,
+    state = known.get(customer.id)
+    return NewCall(
+        who.partner_pk,
         call.id,
-        keys[customer.id],
-        tenant_id,
-        sub_tenant_id,
+        customer.id,
+        None if state is None else state.pk,
+        *scope,
         call.recording_url,
         times[0],
         times[1],
@@ -354,6 +331,5 @@ def _call_row(
         [{"internal_name": n, "value": v} for n, v in item.custom_fields]
         if item.custom_fields
         else [],
-        request_id,
-        now,
+        who.request_id,
     )

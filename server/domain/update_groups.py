@@ -1,68 +1,70 @@
-"""Group commit for single status updates: concurrent updates share one write transaction.
+"""Group commit for single status updates: concurrent updates share one unit of work.
 
-Each update used to take the database's write lock for a transaction of its own: seven
-statements, each a round trip between the event loop and the database thread, while every
-other writer waited. Here updates queue instead; one drain task takes everything queued,
-applies it in arrival order inside one transaction (a handful of statements for the whole
-group: the catalogs and customers of each tenant scope, the cursors, one UPDATE, one INSERT),
-commits, and only then answers each update. While a group commits, the next one gathers.
-
-On a SQLite file the whole transaction is one function run in the database's writer thread
-(`_apply_sqlite`, server/storage/sqlite_writer.py): one round trip instead of a few per statement.
+Updates queue; a group takes what is queued (up to MAX_GROUP) and runs as one unit of work
+(storage/units.py): one read of its customers and catalogs, each update judged in arrival order,
+one write of every change, one commit, and only then is each update answered. Up to
+`units.concurrency` groups run at once (SQLite: one; PostgreSQL: several, each committing on its
+own); while they run, the next group gathers. A customer is never in two groups at once, so a
+process applies the updates of one customer in the order they arrived.
 
 Durability is unchanged: nobody is answered before the commit that holds their change. An
 update that is wrong on its own (unknown customer, status outside the catalog) fails alone and
-the rest of its group applies; when the transaction itself fails, every update in the group
-gets that error and none is acknowledged.
+the rest of its group applies; when the unit itself fails, every update in the group gets that
+error and none is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import Database
 from server.domain import catalogs
 from server.errors import CustomerNotFound, ServiceError
-from server.storage import customers, sqlite_writer
-from server.storage.customers import CustomerState, RecordedChange, StatusChange
+from server.storage.customers import CustomerState
+from server.storage.units import Change, Plan, Reads, Scope, Snapshot
 
-# At most this many updates per transaction (a lock_customers chunk).
+# At most this many updates per unit.
 MAX_GROUP = 500
 
+Outcome = bool | Exception  # True: changed, False: unchanged, else what failed the update alone
 
-@dataclass(slots=True)
+
 class PendingUpdate:
     """One update waiting for its group's commit; `done` gets True if the status changed."""
 
-    tenant_id: str
-    sub_tenant_id: str
-    customer_id: str
-    new_status: str | None  # None clears the status
-    partner_pk: int
-    request_id: str
-    source: str
-    done: asyncio.Future[bool] = field(init=False)
-    abandoned: bool = False  # the caller gave up while this was still queued
+    __slots__ = ("customer_id", "done", "new_status", "partner_pk", "request_id", "scope",
+                 "source")  # fmt: skip
 
-    def __post_init__(self) -> None:
-        self.done = asyncio.get_running_loop().create_future()
+    def __init__(
+        self,
+        scope: Scope,
+        customer_id: str,
+        new_status: str | None,  # None clears the status
+        partner_pk: int,
+        request_id: str,
+        source: str,
+    ) -> None:
+        self.scope = scope
+        self.customer_id = customer_id
+        self.new_status = new_status
+        self.partner_pk = partner_pk
+        self.request_id = request_id
+        self.source = source
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
 
 class UpdateGroups:
-    """The queue and its drain task, one per Database (and event loop)."""
+    """The queue and its groups in flight, one per Database (and event loop)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._queue: list[PendingUpdate] = []
-        self._drain: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._busy: set[tuple[Scope, str]] = set()  # customers of the groups in flight
+        self._tasks: set[asyncio.Task[None]] = set()
         # Test hook: called with each group before it is applied.
         self.on_group: Callable[[Sequence[PendingUpdate]], None] | None = None
 
@@ -70,44 +72,50 @@ class UpdateGroups:
         """Queue the update and wait for the commit of its group; True if the status changed.
 
         Raises what failed this update alone (CustomerNotFound, ValidationFailed) or what failed
-        its whole group.
+        its whole group. A caller that gives up (deadline, cancelled RPC) cancels `done`: still
+        queued, its update is dropped; already in a group, it may commit unanswered (an in-doubt
+        write, like any cut-off request), and its group goes on for everybody else.
         """
         self._queue.append(update)
-        if self._drain is None or self._drain.done():
-            self._drain = asyncio.create_task(self._run())
-        try:
-            # shield: a caller that gives up (deadline, cancelled RPC) must not cancel its group's
-            # transaction for everybody else. Still queued, its update is dropped; already in a
-            # group, it may commit unanswered (an in-doubt write, like any cut-off request).
-            return await asyncio.shield(update.done)
-        except asyncio.CancelledError:
-            update.abandoned = True
-            update.done.add_done_callback(_discard)
-            raise
+        if self._in_flight < self.db.units.concurrency:
+            self._start_groups()
+        return await update.done
 
-    async def _run(self) -> None:
-        while self._queue:
-            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            for update in group:
-                if update.abandoned:
-                    update.done.cancel()
-            group = [update for update in group if not update.abandoned]
-            if not group:
-                continue
-            try:
-                if self.on_group is not None:
-                    self.on_group(group)
-                if self.db.sqlite_writer is not None:
-                    outcomes = await self.db.write_in_thread(partial(_apply_sqlite, group=group))
+    def _start_groups(self) -> None:
+        while self._queue and self._in_flight < self.db.units.concurrency:
+            group: list[PendingUpdate] = []
+            waiting: list[PendingUpdate] = []
+            held: set[tuple[Scope, str]] = set()  # customers left waiting: keep their order
+            for update in self._queue:
+                if update.done.done():  # abandoned while queued
+                    continue
+                key = (update.scope, update.customer_id)
+                if len(group) >= MAX_GROUP or key in self._busy or key in held:
+                    held.add(key)
+                    waiting.append(update)
                 else:
-                    async with self.db.write() as conn:
-                        outcomes = await _apply(conn, group)
-            except Exception as exc:  # the transaction failed: nobody in it is acknowledged
-                # Each request's interceptor logs it (unexpected errors with its request id).
-                for update in group:
-                    if not update.done.done():
-                        update.done.set_exception(exc)
-                continue
+                    group.append(update)
+            self._queue = waiting
+            if not group:
+                return
+            customers = {(update.scope, update.customer_id) for update in group}
+            self._busy |= customers
+            self._in_flight += 1
+            task = asyncio.create_task(self._apply(group, customers))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, group: list[PendingUpdate], customers: set[tuple[Scope, str]]) -> None:
+        try:
+            if self.on_group is not None:
+                self.on_group(group)
+            outcomes = await self.db.units.run(_reads(group), lambda s: _decide(group, s))
+        except Exception as exc:  # the unit failed: nobody in it is acknowledged
+            # Each request's interceptor logs it (unexpected errors with its request id).
+            for update in group:
+                if not update.done.done():
+                    update.done.set_exception(exc)
+        else:
             for update, outcome in zip(group, outcomes, strict=True):
                 if update.done.done():
                     continue
@@ -115,12 +123,10 @@ class UpdateGroups:
                     update.done.set_exception(outcome)
                 else:
                     update.done.set_result(outcome)
-
-
-def _discard(future: asyncio.Future[bool]) -> None:
-    """Retrieve an abandoned update's outcome so that asyncio does not report it as lost."""
-    if not future.cancelled():
-        future.exception()
+        finally:
+            self._busy -= customers
+            self._in_flight -= 1
+            self._start_groups()
 
 
 _GROUPS: weakref.WeakKeyDictionary[Database, UpdateGroups] = weakref.WeakKeyDictionary()
@@ -134,73 +140,28 @@ def groups_of(db: Database) -> UpdateGroups:
     return found
 
 
-def _scopes(group: Sequence[PendingUpdate]) -> list[tuple[tuple[str, str], list[str], bool]]:
-    """Each tenant scope of the group in one order for every writer (PostgreSQL row locks: no
-    lock cycles), with its customer ids and whether it needs its catalog."""
-    found: list[tuple[tuple[str, str], list[str], bool]] = []
-    for scope in sorted({(u.tenant_id, u.sub_tenant_id) for u in group}):
-        members = [u for u in group if (u.tenant_id, u.sub_tenant_id) == scope]
-        found.append(
-            (
-                scope,
-                [u.customer_id for u in members],
-                any(u.new_status is not None for u in members),
-            )
-        )
-    return found
-
-
-async def _apply(conn: AsyncConnection, group: Sequence[PendingUpdate]) -> list[bool | Exception]:
-    """Judge and apply the group in arrival order on `conn` (inside its transaction)."""
-    known: dict[tuple[str, str], dict[str, CustomerState]] = {}
-    allowed: dict[tuple[str, str], catalogs.Catalog] = {}
-    for scope, customer_ids, needs_catalog in _scopes(group):
-        tenant_id, sub_tenant_id = scope
-        if needs_catalog:
-            allowed[scope] = await catalogs.load(
-                conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
-            )
-        known[scope] = await customers.lock_customers(
-            conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_ids=customer_ids
-        )
-    outcomes, changes = _judge(group, allowed, known)
-    await customers.append_changes(conn, changes, now=datetime.now(UTC))
-    return outcomes
-
-
-def _apply_sqlite(
-    conn: sqlite3.Connection, group: Sequence[PendingUpdate]
-) -> list[bool | Exception]:
-    """_apply, as one function run in the SQLite writer's thread (server.storage.sqlite_writer)."""
-    known: dict[tuple[str, str], dict[str, CustomerState]] = {}
-    allowed: dict[tuple[str, str], catalogs.Catalog] = {}
-    for scope, customer_ids, needs_catalog in _scopes(group):
-        tenant_id, sub_tenant_id = scope
-        if needs_catalog:
-            allowed[scope] = catalogs.in_force(
-                sqlite_writer.effective_catalog(
-                    conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
-                )
-            )
-        known[scope] = sqlite_writer.lock_customers(
-            conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_ids=customer_ids
-        )
-    outcomes, changes = _judge(group, allowed, known)
-    sqlite_writer.append_changes(conn, changes, now=datetime.now(UTC))
-    return outcomes
-
-
-def _judge(
-    group: Sequence[PendingUpdate],
-    allowed: dict[tuple[str, str], catalogs.Catalog],
-    known: dict[tuple[str, str], dict[str, CustomerState]],
-) -> tuple[list[bool | Exception], list[RecordedChange]]:
-    """Each update's outcome in arrival order, and the changes to record."""
-    current: dict[tuple[str, str, str], str | None] = {}
-    changes: list[RecordedChange] = []
-    outcomes: list[bool | Exception] = []
+def _reads(group: Sequence[PendingUpdate]) -> Reads:
+    """The group's customers by scope, and the catalogs of the scopes that set a status."""
+    customers: dict[Scope, list[str]] = {}
     for update in group:
-        scope = (update.tenant_id, update.sub_tenant_id)
+        customers.setdefault(update.scope, []).append(update.customer_id)
+    return Reads(
+        customers=customers,
+        catalogs=sorted({u.scope for u in group if u.new_status is not None}),
+    )
+
+
+def _decide(
+    group: Sequence[PendingUpdate], snapshot: Snapshot
+) -> tuple[Plan | None, list[Outcome]]:
+    """Each update's outcome in arrival order, and the changes to write (None: none)."""
+    allowed = {scope: catalogs.in_force(found) for scope, found in snapshot.catalogs.items()}
+    known: dict[Scope, dict[str, CustomerState]] = snapshot.customers
+    current: dict[tuple[Scope, str], str | None] = {}
+    changes: list[Change] = []
+    outcomes: list[Outcome] = []
+    for update in group:
+        scope = update.scope
         try:
             if update.new_status is not None:
                 allowed[scope].require([("disposition_status", update.new_status)])
@@ -210,21 +171,17 @@ def _judge(
         except ServiceError as exc:
             outcomes.append(exc)
             continue
-        key = (*scope, update.customer_id)
+        key = (scope, update.customer_id)
         previous = current.get(key, state.disposition_status)
         if previous == update.new_status:
             outcomes.append(False)
             continue
         current[key] = update.new_status
         changes.append(
-            RecordedChange(
-                StatusChange(state.pk, previous, update.new_status),
-                update.tenant_id,
-                update.sub_tenant_id,
-                update.source,
-                update.partner_pk,
-                update.request_id,
-            )
-        )
+            Change(*scope, update.customer_id, state.pk, previous, update.new_status,
+                   update.source, update.partner_pk, update.request_id)
+        )  # fmt: skip
         outcomes.append(True)
-    return outcomes, changes
+    if not changes:
+        return None, outcomes
+    return Plan(datetime.now(UTC), changes), outcomes

@@ -11,20 +11,8 @@ from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory, FeedSequence, Partner
-from server.storage import as_utc, dialect_insert
+from server.storage import as_utc
 
-
-def _advance(dialect: str) -> object:
-    stmt = dialect_insert(dialect)(FeedSequence).values(
-        tenant_id=bindparam("tenant_id"), last_seq=bindparam("n")
-    )
-    return stmt.on_conflict_do_update(
-        index_elements=[FeedSequence.tenant_id],
-        set_={"last_seq": FeedSequence.last_seq + bindparam("n")},
-    ).returning(FeedSequence.last_seq)
-
-
-_ADVANCE = {"sqlite": _advance("sqlite"), "postgresql": _advance("postgresql")}
 _LAST_SEQS = select(FeedSequence.tenant_id, FeedSequence.last_seq).where(
     FeedSequence.tenant_id.in_(bindparam("tenant_ids", expanding=True))
 )
@@ -45,17 +33,6 @@ class ChangeRecord:
     source: str
     partner_id: str
     request_id: str
-
-
-async def advance_cursor(conn: AsyncConnection, *, tenant_id: str, count: int) -> int:
-    """Reserve `count` cursors for the tenant; returns the last one.
-
-    The upsert locks the tenant's row until the transaction ends, so writers of one tenant
-    take cursors in commit order (SQLite: the single writer already serializes them).
-    """
-    stmt = _ADVANCE[conn.dialect.name]
-    row = (await conn.execute(stmt, {"tenant_id": tenant_id, "n": count})).one()  # type: ignore[call-overload]
-    return int(row[0])
 
 
 async def last_cursors(conn: AsyncConnection, *, tenant_ids: Sequence[str]) -> dict[str, int]:

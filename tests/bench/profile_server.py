@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tests.bench import grpc_load, rest_load
-from tests.bench.stack import BIN, ceiling_for, single_topology
+from tests.bench.stack import BIN, ceiling_for, cluster_topology, single_topology
 
 
 def _py_spy() -> str:
@@ -78,11 +78,23 @@ def main(argv: list[str] | None = None) -> int:
         "--ingest", type=int, default=0, metavar="N",
         help="profile IngestBatchCalls of N more customers instead of update load",
     )  # fmt: skip
+    parser.add_argument(
+        "--postgres", action="store_true",
+        help="one server on PostgreSQL + Redis (TEST_POSTGRES_URL, TEST_REDIS_URL), not SQLite",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     py_spy = _py_spy()
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
     with ExitStack() as stack:
-        topology = single_topology(workdir, stack)
+        if args.postgres:
+            topology = cluster_topology(
+                workdir, stack, replicas=1,
+                database_url=os.environ.get("TEST_POSTGRES_URL")
+                or "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+                redis_url=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
+            )  # fmt: skip
+        else:
+            topology = single_topology(workdir, stack)
         grpc_load.ingest(topology.grpc_port, topology.partner, args.customers)
         pid, grpc_port, http_port = topology.pids[0], topology.grpc_port, topology.envoy.http_port
         if args.noop:
