@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from server import schema
 from server.schema import SchemaOutdated
 from server.settings import Settings
+from server.storage.postgres_feed import CursorListener
 from server.storage.postgres_writer import PostgresUnits
 from server.storage.sqlite_writer import SqliteUnits, SqliteWriter
 from server.storage.units import Units
@@ -96,6 +97,20 @@ class Database:
                 pool_size=settings.database_pool_size,
                 on_commit=self._committed,
             )
+
+    def cursor_listener(
+        self, on_cursor: Callable[[str, int], None], on_state: Callable[[bool], None]
+    ) -> CursorListener | None:
+        """PostgreSQL: a listener for every replica's commits (storage/postgres_feed.py), not yet
+        started; None on SQLite, where other processes' commits are found by polling."""
+        if not isinstance(self.units, PostgresUnits):
+            return None
+        return CursorListener(
+            self.units.dsn,
+            schema=self.settings.database_schema,
+            on_cursor=on_cursor,
+            on_state=on_state,
+        )
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call `listener` after every successful write() commit of this process."""

@@ -16,8 +16,9 @@ from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from gateway.envoy_process import run_envoy
 from server.app import App
 from server.db import Database, SchemaOutdated
+from server.storage.postgres_feed import APPLICATION_NAME
 from tests.grpc_helpers import details, ingest, update_request, violations
-from tests.support import Credentials, onboard, settings_for
+from tests.support import Credentials, onboard, settings_for, sql
 
 
 class Watcher:
@@ -274,3 +275,55 @@ async def test_a_database_from_before_the_feed_is_refused_clearly(tmp_path: Any)
             await db.create_schema()
     finally:
         await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_postgres_pushes_commits_to_the_other_replicas_and_catches_up_after_a_loss(
+    postgres_url: str,
+) -> None:
+    """Polling is off (30 s): a change written through one replica reaches a watcher on the
+    other through NOTIFY; after its listener's connection is killed, the listener reconnects
+    and the change written meanwhile arrives too."""
+    db = Database(settings_for(postgres_url))
+    partner = await onboard(db, "123")
+    settings = settings_for(postgres_url, feed_poll_seconds=30)
+    servers = [App(settings, Database(settings)) for _ in range(2)]
+    for server in servers:
+        await server.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[0].port}") as watch_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{servers[1].port}") as write_channel,
+        ):
+            watcher = Watcher(disposition_grpc.DispositionServiceStub(watch_channel), partner)
+            writer = ingestion_grpc.CallIngestionServiceStub(write_channel)
+            try:
+                assert (await watcher.first()).cursor == 0
+                await listening(servers[0])
+                await ingest(writer, partner, "pushed", status="a")
+                [change] = await asyncio.wait_for(watcher.changes(1), 2)
+                assert (change.cursor, change.customer_id) == (1, "pushed")
+
+                sql(
+                    postgres_url,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    f" WHERE application_name = '{APPLICATION_NAME}'",
+                )
+                await ingest(writer, partner, "while-away", status="b")
+                [change] = await asyncio.wait_for(watcher.changes(1), 5)
+                assert (change.cursor, change.customer_id) == (2, "while-away")
+                await listening(servers[0])
+            finally:
+                watcher.cancel()
+    finally:
+        for server in servers:
+            await server.stop(grace=1)
+        await db.dispose()
+
+
+async def listening(server: App, timeout: float = 5.0) -> None:
+    """Wait until the server's feed has its commit listener connected (PostgreSQL)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not server.feed.pushed:
+        assert asyncio.get_running_loop().time() < deadline, "the feed never listened"
+        await asyncio.sleep(0.01)

@@ -4,9 +4,13 @@ Cursors come from the history rows themselves (`seq`, one per change of a tenant
 the tenant's FeedSequence row lock), so the feed is exactly what was committed: a watcher that
 resumes after cursor N gets N+1, N+2, ... whichever process wrote them and whenever it restarted.
 
-One FeedHub per process tracks the last cursor of every watched tenant. It reads them again
-right after this process commits a write and otherwise every `poll_seconds` (for commits made by
-other server processes), and wakes the watchers whose tenant moved.
+One FeedHub per process tracks the last cursor of every watched tenant and wakes the watchers
+whose tenant moved. It learns of commits:
+- PostgreSQL: pushed by every replica's writes (NOTIFY, storage/postgres_feed.py), as they
+  commit. The cursors are also read when the listener (re)connects, since notifications sent
+  while it was away are lost, and every `safety_poll_seconds` (a catch-up read).
+- SQLite: this process's own commits wake it at once; other processes' commits are found by
+  reading the cursors every `poll_seconds`.
 """
 
 from __future__ import annotations
@@ -40,32 +44,45 @@ class FeedBatch:
 
 class FeedHub:
     def __init__(
-        self, db: Database, *, poll_seconds: float = 0.05, heartbeat_seconds: float = 15.0
+        self,
+        db: Database,
+        *,
+        poll_seconds: float = 0.05,
+        heartbeat_seconds: float = 15.0,
+        safety_poll_seconds: float = 1.0,
     ) -> None:
         self.db = db
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
+        self.safety_poll_seconds = max(poll_seconds, safety_poll_seconds)
         self._watchers: Counter[str] = Counter()
         self._connected = 0  # sum of _watchers, readable from another thread (metrics)
         self._last: dict[str, int] = {}
-        self._moved = asyncio.Condition()
-        self._commit = asyncio.Event()
+        self._moved = asyncio.Event()  # set and replaced whenever a watched tenant moves
+        self._read_now = asyncio.Event()  # a commit of this process, or the listener is back
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
-        db.on_commit(self._commit.set)
+        self._listener = db.cursor_listener(self._announced, self._listening)
+        db.on_commit(self._read_now.set)
 
     @property
     def watcher_count(self) -> int:
         """Watch streams currently connected to this process (all tenants)."""
         return self._connected
 
+    @property
+    def pushed(self) -> bool:
+        """Whether commits are pushed to this process now (PostgreSQL's listener connected)."""
+        return self._listener is not None and self._listener.listening
+
     async def close(self) -> None:
-        """End every watch (with UNAVAILABLE, so clients reconnect) and stop polling."""
+        """End every watch (with UNAVAILABLE, so clients reconnect) and stop listening."""
         self._closed = True
-        async with self._moved:
-            self._moved.notify_all()
+        self._wake()
         if self._poller is not None:
             self._poller.cancel()
+        if self._listener is not None:
+            await self._listener.close()
 
     async def watch(self, *, after_cursor: int, start_at_latest: bool) -> AsyncIterator[FeedBatch]:
         """The caller's tenant's changes after `after_cursor`, forever; heartbeats when idle.
@@ -81,6 +98,7 @@ class FeedHub:
         self._watchers[tenant_id] += 1
         self._connected += 1
         try:
+            self._start()
             known = await self._refresh(tenant_id)
             scanned = known if start_at_latest else after_cursor
             yield FeedBatch([], scanned)  # tells the client where it starts
@@ -109,36 +127,57 @@ class FeedHub:
     async def _refresh(self, tenant_id: str) -> int:
         async with self.db.read() as conn:
             found = await history.last_cursors(conn, tenant_ids=[tenant_id])
-        self._last[tenant_id] = max(self._last.get(tenant_id, 0), found.get(tenant_id, 0))
-        self._start_poller()
-        return self._last[tenant_id]
+        self._advance(tenant_id, found.get(tenant_id, 0))
+        return self._last.get(tenant_id, 0)
 
     async def _wait_beyond(self, tenant_id: str, cursor: int) -> bool:
         """Wait until the tenant's last cursor passes `cursor`; False after a heartbeat period."""
-        async with self._moved:
+        deadline = asyncio.get_running_loop().time() + self.heartbeat_seconds
+        while not self._closed and self._last.get(tenant_id, 0) <= cursor:
+            moved = self._moved  # taken before the check above holds: no wake-up is missed
             try:
-                await asyncio.wait_for(
-                    self._moved.wait_for(
-                        lambda: self._closed or self._last.get(tenant_id, 0) > cursor
-                    ),
-                    self.heartbeat_seconds,
-                )
+                async with asyncio.timeout_at(deadline):
+                    await moved.wait()
             except TimeoutError:
                 return False
         if self._closed:
             raise ServiceUnavailable("The server is shutting down; reconnect with your cursor")
         return True
 
-    def _start_poller(self) -> None:
+    def _advance(self, tenant_id: str, cursor: int) -> None:
+        if cursor > self._last.get(tenant_id, 0):
+            self._last[tenant_id] = cursor
+            self._wake()
+
+    def _wake(self) -> None:
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    # -- how commits are learnt of ----------------------------------------------------------
+
+    def _announced(self, tenant_id: str, cursor: int) -> None:
+        """A commit of any replica (PostgreSQL's NOTIFY)."""
+        if tenant_id in self._watchers:
+            self._advance(tenant_id, cursor)
+
+    def _listening(self, listening: bool) -> None:
+        if listening:  # notifications may have been lost while it was away: read the cursors
+            self._read_now.set()
+
+    def _start(self) -> None:
+        if self._listener is not None:
+            self._listener.start()
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name="feed-poller")
 
     async def _poll(self) -> None:
         failing = False
         while self._watchers and not self._closed:
+            # With commits pushed, a local commit needs no read, and reads are a safety net.
+            period = self.safety_poll_seconds if self.pushed else self.poll_seconds
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit.wait(), self.poll_seconds)
-            self._commit.clear()
+                await asyncio.wait_for(self._read_now.wait(), period)
+            self._read_now.clear()
             try:
                 async with self.db.read() as conn:
                     found = await history.last_cursors(conn, tenant_ids=list(self._watchers))
@@ -148,8 +187,5 @@ class FeedHub:
                     log.exception("change feed: cannot read the tenants' cursors")
                 failing = True
                 continue
-            moved = {t: c for t, c in found.items() if c > self._last.get(t, 0)}
-            if moved:
-                self._last.update(moved)
-                async with self._moved:
-                    self._moved.notify_all()
+            for tenant_id, cursor in found.items():
+                self._advance(tenant_id, cursor)

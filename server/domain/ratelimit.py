@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -50,18 +51,45 @@ class InProcessRateLimiter:
         pass
 
 
-# One round trip, atomic: count the request in its window's key, give the key a lifetime up to
-# the window's end on the first hit (or if it somehow has none), return the count and the
-# milliseconds left in the window.
-_HIT_SCRIPT = """
-local count = redis.call('INCR', KEYS[1])
+# One round trip, atomic: take up to ARGV[2] requests of the window's count without passing the
+# limit ARGV[3] (what would pass it is given back), give the key a lifetime up to the window's
+# end on the first hit (or if it somehow has none); returns the requests granted, the window's
+# count and the milliseconds left in the window.
+_LEASE_SCRIPT = """
+local wanted = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local count = redis.call('INCRBY', KEYS[1], wanted)
+local granted = wanted
+if count > limit then
+  granted = math.max(0, wanted - (count - limit))
+  count = redis.call('DECRBY', KEYS[1], wanted - granted)
+end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
   ttl = tonumber(ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
-return {count, ttl}
+return {granted, count, ttl}
 """
+
+
+_LEASED, _FAILED_OPEN = -1, -2  # _take's outcomes besides a wait in seconds
+
+
+class _Lease:
+    """A partner's requests taken from the shared count of one window, not yet used here."""
+
+    __slots__ = ("first_hit", "full", "left", "taken", "used", "waiting", "window", "window_start")
+
+    def __init__(self, window: int, window_start: float, first_hit: float) -> None:
+        self.window = window
+        self.window_start = window_start
+        self.first_hit = first_hit
+        self.waiting = 0  # requests waiting for a grant from Redis
+        self.left = 0  # granted and not yet used
+        self.used = 0  # requests allowed here in this window
+        self.taken = 0  # the window's shared count at the last grant (every replica's)
+        self.full = False  # the shared count reached the limit: refuse until the window ends
 
 
 class RedisRateLimiter:
@@ -69,6 +97,17 @@ class RedisRateLimiter:
 
     Same windows as InProcessRateLimiter: key `<prefix>ratelimit:<partner>:<window index>`,
     the index taken from this host's clock (replicas are expected to run NTP).
+
+    A request costs no round trip to Redis: each replica takes a lease of several requests from
+    the window's shared count at a time (one atomic script): about `lease_seconds` of this
+    replica's traffic for the partner in the window so far, or as many as are waiting for it if
+    more, and never more than a quarter of what is left under the limit (so near the limit
+    leases shrink to one request). The count in Redis is of
+    requests granted, never above the limit: all replicas together allow at most `limit`
+    requests per window, exactly as when every request was counted in Redis. What a replica
+    took and did not use by the end of the window is not allowed elsewhere in that window; the
+    lease sizes bound it. Once the count reaches the limit, the replica refuses the partner
+    without asking Redis until the window ends (a window's count never goes down).
 
     When Redis is unreachable or errs, the request is allowed, `on_fail_open` is called and a
     warning is logged at most once per `warn_interval`. After a failure Redis is left alone for
@@ -86,15 +125,21 @@ class RedisRateLimiter:
         on_fail_open: Callable[[], None] = lambda: None,
         warn_interval: float = 30.0,
         retry_after_failure: float = 1.0,
+        lease_seconds: float = 0.05,
+        max_lease: int = 1000,
     ) -> None:
         self.client = client
         self.key_prefix = key_prefix
         self.window_seconds = window_seconds
         self._clock = clock
-        self._script = client.register_script(_HIT_SCRIPT)
+        self._script = client.register_script(_LEASE_SCRIPT)
         self._on_fail_open = on_fail_open
         self._warn_interval = warn_interval
         self._retry_after_failure = retry_after_failure
+        self.lease_seconds = lease_seconds
+        self.max_lease = max_lease
+        self._leases: dict[str, _Lease] = {}
+        self._refills: dict[str, asyncio.Future[None]] = {}
         self._next_attempt = -math.inf
         self._next_warning = -math.inf
         self._failing = False
@@ -111,28 +156,71 @@ class RedisRateLimiter:
         return cls(client, **options)
 
     async def hit(self, key: str, limit: int) -> int | None:
-        now = self._clock()
+        while True:
+            now = self._clock()
+            window = int(now // self.window_seconds)
+            lease = self._leases.get(key)
+            if lease is None or lease.window != window:
+                lease = self._leases[key] = _Lease(window, window * self.window_seconds, now)
+                self._drop_old_leases(window)
+            if lease.left > 0:
+                lease.left -= 1
+                lease.used += 1
+                return None
+            if lease.full:
+                return max(1, math.ceil(lease.window_start + self.window_seconds - now))
+            refill = self._refills.get(key)
+            if refill is not None:  # another request of this partner is asking Redis: wait
+                lease.waiting += 1
+                try:
+                    await asyncio.shield(refill)
+                finally:
+                    lease.waiting -= 1
+                continue
+            refill = self._refills[key] = asyncio.get_running_loop().create_future()
+            try:
+                outcome = await self._take(key, lease, limit, now)
+            finally:
+                del self._refills[key]
+                refill.set_result(None)
+            if outcome != _LEASED:
+                return None if outcome == _FAILED_OPEN else outcome
+
+    async def _take(self, key: str, lease: _Lease, limit: int, now: float) -> int:
+        """Take a lease for the window from Redis: _LEASED (the lease has requests again),
+        _FAILED_OPEN (Redis did not answer: allow this one uncounted), or the whole seconds to
+        wait when the window is full."""
         monotonic = time.monotonic()
         if monotonic < self._next_attempt:
             self._fail_open(None)
-            return None
-        window = int(now // self.window_seconds)
-        window_end = (window + 1) * self.window_seconds
+            return _FAILED_OPEN
+        # This replica's recent rate for the partner, or the requests waiting, if more.
+        elapsed = max(now - lease.first_hit, self.lease_seconds)
+        demand = max(math.ceil(lease.used / elapsed * self.lease_seconds), lease.waiting + 1)
+        wanted = min(self.max_lease, demand, max(1, (limit - lease.taken) // 4))
+        window_end = lease.window_start + self.window_seconds
         try:
-            count, ttl_ms = await self._script(
-                keys=[f"{self.key_prefix}ratelimit:{key}:{window}"],
-                args=[max(1, math.ceil((window_end - now) * 1000))],
+            granted, count, ttl_ms = await self._script(
+                keys=[f"{self.key_prefix}ratelimit:{key}:{lease.window}"],
+                args=[max(1, math.ceil((window_end - now) * 1000)), wanted, limit],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             self._next_attempt = monotonic + self._retry_after_failure
             self._fail_open(exc)
-            return None
+            return _FAILED_OPEN
         if self._failing:
             self._failing = False
             log.info("rate limiter: Redis answers again, limits apply")
-        if int(count) <= limit:
-            return None
+        lease.taken = int(count)
+        if int(granted) > 0:
+            lease.left += int(granted)
+            return _LEASED
+        lease.full = True
         return max(1, math.ceil(int(ttl_ms) / 1000))
+
+    def _drop_old_leases(self, window: int) -> None:
+        if len(self._leases) > 1000:
+            self._leases = {k: v for k, v in self._leases.items() if v.window == window}
 
     def _fail_open(self, exc: BaseException | None) -> None:
         self._failing = True

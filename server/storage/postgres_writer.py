@@ -315,7 +315,7 @@ class PostgresUnits:
     @property
     def concurrency(self) -> int:
         # Leave connections for batch requests beside the group commits.
-        return max(1, self.pool_size // 2)
+        return 2
 
     async def pool(self) -> asyncpg.Pool:
         """The pool, opened on first use (inside the running event loop)."""
