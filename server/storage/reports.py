@@ -152,11 +152,16 @@ async def _counts(
     )
 
 
+def _customers_by_status() -> Select[int, str, int]:
+    status = func.coalesce(Customer.disposition_status, "")  # one expression: one bind in both
+    return (
+        select(literal(_CUSTOMERS), status, func.count()).where(*_scope(Customer)).group_by(status)
+    )
+
+
 _SCANNED = {
     (bounded_from, bounded_to): union_all(
-        select(literal(_CUSTOMERS), func.coalesce(Customer.disposition_status, ""), func.count())
-        .where(*_scope(Customer))
-        .group_by(func.coalesce(Customer.disposition_status, "")),
+        _customers_by_status(),
         _changes_between(0, bounded_from=bounded_from, bounded_to=bounded_to),
     )
     for bounded_from in (False, True)
