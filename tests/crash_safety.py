@@ -295,6 +295,7 @@ def run(
             report.problems += load.errors
             _wait_for_route(gateway, partner)
             check(report, *read_database(database_url), load.attempts, load.batches)
+            check_counters(report, database_url)
             report.write_failures = dict(sorted(gateway.write_failures.items()))
             if target == "server-term":
                 _check_graceful(report)
@@ -409,6 +410,29 @@ def check(
                 )
     if report.acked == 0 or report.batches_acked == 0:
         report.problems.append("the load was never acknowledged: nothing was checked")
+
+
+def check_counters(report: Report, database_url: str) -> None:
+    """The summary's counters moved with exactly what was committed: customers per status and
+    changes per status equal a count of the rows themselves."""
+    maintained = {
+        "customers": sql(database_url, "SELECT tenant_id, sub_tenant_id, disposition_status,"
+                         " customers FROM status_counts WHERE customers <> 0"),
+        "changes": sql(database_url, "SELECT tenant_id, sub_tenant_id, disposition_status,"
+                       " sum(changes) FROM status_change_hours GROUP BY tenant_id, sub_tenant_id,"
+                       " disposition_status"),
+    }  # fmt: skip
+    scanned = {
+        "customers": sql(database_url, "SELECT tenant_id, sub_tenant_id,"
+                         " coalesce(disposition_status, ''), count(*) FROM customers"
+                         " GROUP BY tenant_id, sub_tenant_id, coalesce(disposition_status, '')"),
+        "changes": sql(database_url, "SELECT tenant_id, sub_tenant_id, coalesce(new_status, ''),"
+                       " count(*) FROM disposition_history GROUP BY tenant_id, sub_tenant_id,"
+                       " coalesce(new_status, '')"),
+    }  # fmt: skip
+    for name, rows in maintained.items():
+        if sorted(map(tuple, rows)) != sorted(map(tuple, scanned[name])):
+            report.problems.append(f"the summary's {name} counters disagree with the rows")
 
 
 def _check_graceful(report: Report) -> None:

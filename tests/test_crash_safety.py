@@ -4,12 +4,14 @@ graceful restarts (SIGTERM) of it and 5 SIGKILLs of Envoy under concurrent write
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests import crash_safety
 from tests.conftest import NO_POSTGRES, POSTGRES_URL
+from tests.support import sql
 
 KILLS = 5
 WRITERS = 8
@@ -111,3 +113,21 @@ def test_the_check_reports_every_kind_of_violation(
 ) -> None:
     problems = _checked(rows, calls, attempts, batches)
     assert [p for p in problems if p.startswith(problem)], problems
+
+
+def test_counter_check_reports_counters_that_disagree_with_the_rows(database_url: str) -> None:
+    def problems() -> list[str]:
+        report = crash_safety.Report("server", "sqlite")
+        crash_safety.check_counters(report, database_url)
+        return report.problems
+
+    assert problems() == []
+    sql(
+        database_url,  # a customer no unit of work counted
+        "INSERT INTO customers (tenant_id, sub_tenant_id, customer_id, disposition_status,"
+        " created_at, updated_at) VALUES ('t', 's', 'c', 'new', :at, :at)",
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert problems() == ["the summary's customers counters disagree with the rows"]
+    sql(database_url, "INSERT INTO status_counts VALUES ('t', 's', 'new', 1)")
+    assert problems() == []
