@@ -24,12 +24,7 @@ from server.db import Database
 from server.domain.access_cache import AccessCache
 from server.domain.feed import FeedHub
 from server.domain.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
-from server.interceptors import (
-    AuthInterceptor,
-    RateLimitInterceptor,
-    RequestIdInterceptor,
-    TenantInterceptor,
-)
+from server.interceptors import ServiceInterceptor
 from server.metrics import Metrics
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
@@ -62,16 +57,15 @@ class App:
             if settings.access_cache_seconds > 0
             else None
         )
-        self.request_ids = RequestIdInterceptor(self.metrics)
+        self.interceptor = ServiceInterceptor(
+            db,
+            cache=self.access_cache,
+            limiter=self.limiter,
+            default_per_minute=settings.rate_limit_per_minute,
+            metrics=self.metrics,
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                self.request_ids,
-                AuthInterceptor(db, self.access_cache),
-                TenantInterceptor(db, self.access_cache),
-                RateLimitInterceptor(
-                    self.limiter, settings.rate_limit_per_minute, metrics=self.metrics
-                ),
-            ],
+            interceptors=[self.interceptor],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -1,4 +1,4 @@
-"""Per-request identity, set by the interceptors and read by handlers."""
+"""Per-request identity, set by the interceptor and read by handlers."""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class RequestContext:
-    """Who is calling, for which tenant; filled in as the interceptors pass."""
+    """Who is calling, for which tenant; filled in as the gates pass."""
 
     request_id: str
     method: str
-    partner_pk: int | None = None
-    partner_id: str | None = None
-    rate_limit_per_minute: int | None = None
-    grant: tuple[str, str, bool] | None = None  # read with the credential (access.py)
-    tenant_id: str | None = None
-    sub_tenant_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     conflicting_headers: frozenset[str] = frozenset()  # identity headers sent twice, differently
-    refusal: Exception | None = None  # why a gate refused the call (interceptors._refusal)
+    partner_pk: int | None = None
+    partner_id: str | None = None
+    tenant_id: str | None = None
+    sub_tenant_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -1,24 +1,28 @@
-"""Interceptors, outermost first: request id -> authentication -> tenant -> rate limit.
+"""The interceptor: request id -> authentication -> tenant -> rate limit, then the handler.
 
-The request-id interceptor also owns the one translation of errors into gRPC
-statuses: gates that refuse a call return a handler that raises their error,
-and handlers raise domain errors; both surface in `_translate_errors`.
+One grpc.aio interceptor runs the gates in that order, as plain calls inside the handler it
+returns for each method (made once per method and kept): no coroutine layer per gate, and a
+gate that finds what it needs in memory (credentials, grants, a rate-limit lease) does not
+suspend at all. Each gate refuses a call by raising its ServiceError.
+
+The same wrapper owns the one translation of errors into gRPC statuses: what a gate or a
+handler raises becomes its status (`_fail`); unknown exceptions become INTERNAL "Internal
+server error", logged with the request id. It also writes the per-RPC log line and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from itertools import count
 from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
-from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 
 from server import context
@@ -50,14 +54,15 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 IDENTITY_HEADERS = frozenset(
     {"x-api-key", "x-api-secret", "x-partner-id", "x-tenant-id", "x-sub-tenant-id"}
 )
+_CREDENTIAL_HEADERS = frozenset({"x-api-key", "x-api-secret", "x-partner-id"})
 
 
-def _headers(details: grpc.HandlerCallDetails) -> tuple[dict[str, str], frozenset[str]]:
+def _headers(metadata: Any) -> tuple[dict[str, str], frozenset[str]]:
     """Invocation metadata as a dict (the first of repeated keys wins; binary keys are dropped),
     and the identity headers that were repeated with different values."""
     headers: dict[str, str] = {}
     conflicting = _NONE  # no allocation per request in the usual case
-    for key, value in details.invocation_metadata or ():
+    for key, value in metadata or ():
         # (setdefault first: every key is recorded, repeated or not)
         if (isinstance(value, str) and headers.setdefault(key, value) != value
                 and key in IDENTITY_HEADERS):  # fmt: skip
@@ -67,57 +72,168 @@ def _headers(details: grpc.HandlerCallDetails) -> tuple[dict[str, str], frozense
 
 _NONE: frozenset[str] = frozenset()
 
+# Generated request ids: 32 hex digits, this process's random half and a counter (as unique as
+# a UUID4 across processes, without a system call per request).
+_ID_PREFIX = os.urandom(8).hex()
+_next_id = count(int.from_bytes(os.urandom(4))).__next__
 
-def _is_exempt(details: grpc.HandlerCallDetails) -> bool:
-    return details.method.startswith(EXEMPT_PREFIXES)
+
+def _request_id(given: str | None) -> str:
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return f"{_ID_PREFIX}{_next_id() & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Names every RPC (`x-request-id`, accepted or generated), logs it and maps its errors."""
+def _is_exempt(method: str) -> bool:
+    return method.startswith(EXEMPT_PREFIXES)
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Names every RPC (`x-request-id`, accepted or generated), lets it through the gates,
+    logs it and maps its errors."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        cache: AccessCache | None,
+        limiter: RateLimiter,
+        default_per_minute: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.db = db
+        self.cache = cache
+        self.limiter = limiter
+        self.default_per_minute = default_per_minute
         self.metrics = metrics
-        # The wrapped handler of each method's handler, made once (the wrappers read the
-        # request's context from the contextvar, nothing per call is baked into them).
-        self._wrapped: dict[Handler, Handler] = {}
+        # The wrapped handler of each method, made on its first call (only for methods that
+        # exist: unknown names are not kept).
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
-        headers, conflicting = _headers(handler_call_details)
-        request_id = headers.get("x-request-id", "")
-        if not _REQUEST_ID.match(request_id):
-            request_id = uuid.uuid4().hex
-        context.current.set(
-            RequestContext(
-                request_id=request_id,
-                method=handler_call_details.method,
-                headers=headers,
-                conflicting_headers=conflicting,
-            )
-        )
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or _is_exempt(handler_call_details):
+        if handler is None or _is_exempt(method):
             return handler
-        wrapped = self._wrapped.get(handler)
-        if wrapped is None:
-            wrapped = self._wrapped[handler] = self._wrap(handler)
+        wrapped = self._wrapped[method] = self._wrap(method, handler)
         return wrapped
 
-    def _wrap(self, handler: Handler) -> Handler:
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _translate_errors(cast(Behavior, handler.unary_unary), self.metrics),
+                self._unary(method, cast(Behavior, handler.unary_unary)),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _translate_stream_errors(cast(StreamBehavior, handler.unary_stream), self.metrics),
+                self._stream(method, cast(StreamBehavior, handler.unary_stream)),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _unary(self, method: str, behavior: Behavior) -> Behavior:
+        metrics = self.metrics
+
+        async def wrapper(request: Any, rpc: Rpc) -> Any:
+            ctx = _begin(method, rpc)
+            try:
+                if isinstance(request, _Undecodable):
+                    raise MalformedRequest()
+                await self._admit(ctx)
+                response = await behavior(request, rpc)
+            except asyncio.CancelledError:
+                _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
+                raise
+            except Exception as exc:
+                await _fail(ctx, rpc, exc, metrics)
+            _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
+            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+            return response
+
+        return wrapper
+
+    def _stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        metrics = self.metrics
+
+        async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
+            ctx = _begin(method, rpc)
+            try:
+                if isinstance(request, _Undecodable):
+                    raise MalformedRequest()
+                await self._admit(ctx)
+                # aclosing: the handler's stream ends (its finally blocks run) with this one.
+                async with contextlib.aclosing(behavior(request, rpc)) as responses:
+                    async for response in responses:
+                        yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away (a watcher disconnecting): cancelled while the handler
+                # waited, or closed by grpc while this stream waited to send.
+                _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
+                raise
+            except Exception as exc:
+                await _fail(ctx, rpc, exc, metrics)
+            _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
+            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+
+        return wrapper
+
+    async def _admit(self, ctx: RequestContext) -> None:
+        """The gates, in order; each raises what refuses the call. What the cache and the
+        limiter's lease hold is checked without suspending."""
+        headers, cache = ctx.headers, self.cache
+        # Authentication: `x-api-key` + `x-api-secret` (and `x-partner-id` when sent) must be a
+        # live credential.
+        if ctx.conflicting_headers & _CREDENTIAL_HEADERS:
+            raise Forbidden()
+        api_key, api_secret = headers.get("x-api-key"), headers.get("x-api-secret")
+        partner_id = headers.get("x-partner-id")
+        tenant = (headers.get("x-tenant-id"), headers.get("x-sub-tenant-id"))
+        principal = access.authenticate_cached(
+            cache, api_key=api_key, api_secret=api_secret, partner_id=partner_id, tenant=tenant
+        ) or await access.authenticate(
+            self.db, api_key=api_key, api_secret=api_secret, partner_id=partner_id,
+            tenant=tenant, cache=cache,
+        )  # fmt: skip
+        ctx.partner_pk = principal.partner_pk
+        ctx.partner_id = principal.partner_id
+        # Tenant: both tenant headers are required, and the partner must be granted them.
+        for name in ("x-tenant-id", "x-sub-tenant-id"):
+            if name in ctx.conflicting_headers:
+                raise RepeatedHeader(name)
+        tenant_id, sub_tenant_id = access.require_tenant(*tenant)
+        granted = access.granted_cached(
+            principal.partner_pk, tenant_id, sub_tenant_id, principal.grant, cache
+        )
+        if granted is None:
+            await access.authorize_tenant(
+                self.db, partner_pk=principal.partner_pk, tenant_id=tenant_id,
+                sub_tenant_id=sub_tenant_id, cache=cache,
+            )  # fmt: skip
+        elif not granted:
+            raise Forbidden()
+        ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
+        # Rate limit, per partner: its own limit if set, else the default, per 60-second window.
+        limit = principal.rate_limit_per_minute or self.default_per_minute
+        retry_after = await self.limiter.hit(principal.partner_id, limit)
+        if retry_after is not None:
+            if self.metrics is not None:
+                self.metrics.rate_limited.labels(principal.partner_id).inc()
+            raise RateLimited(retry_after)
+
+
+def _begin(method: str, rpc: Rpc) -> RequestContext:
+    """The RPC's context, from its metadata, as the request's contextvar."""
+    headers, conflicting = _headers(rpc.invocation_metadata())
+    ctx = RequestContext(_request_id(headers.get("x-request-id")), method, headers, conflicting)
+    context.current.set(ctx)
+    return ctx
 
 
 class _Undecodable:
@@ -136,48 +252,6 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return _Undecodable()
 
     return parse
-
-
-def _translate_errors(behavior: Behavior, metrics: Metrics | None) -> Behavior:
-    async def wrapper(request: Any, rpc: Rpc) -> Any:
-        ctx = context.get()
-        try:
-            if isinstance(request, _Undecodable):
-                raise MalformedRequest()
-            response = await behavior(request, rpc)
-        except asyncio.CancelledError:
-            _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
-            raise
-        except Exception as exc:
-            await _fail(ctx, rpc, exc, metrics)
-        _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
-        rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
-        return response
-
-    return wrapper
-
-
-def _translate_stream_errors(behavior: StreamBehavior, metrics: Metrics | None) -> StreamBehavior:
-    async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
-        ctx = context.get()
-        try:
-            if isinstance(request, _Undecodable):
-                raise MalformedRequest()
-            # aclosing: the handler's stream ends (its finally blocks run) with this one.
-            async with contextlib.aclosing(behavior(request, rpc)) as responses:
-                async for response in responses:
-                    yield response
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away (a watcher disconnecting): cancelled while the handler
-            # waited, or closed by grpc while this stream waited to send.
-            _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
-            raise
-        except Exception as exc:
-            await _fail(ctx, rpc, exc, metrics)
-        _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
-        rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
-
-    return wrapper
 
 
 async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics | None) -> NoReturn:
@@ -202,7 +276,7 @@ async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics 
 def _log_rpc(
     ctx: RequestContext, outcome: str, code: grpc.StatusCode, metrics: Metrics | None
 ) -> None:
-    """One line and one metrics sample per RPC; the duration counts from the first interceptor."""
+    """One line and one metrics sample per RPC; the duration counts from the handler's start."""
     seconds = time.perf_counter() - ctx.started
     if metrics is not None:
         metrics.observe_rpc(ctx.method, code.name, seconds)
@@ -220,129 +294,3 @@ def _log_rpc(
                 "duration_ms": round(seconds * 1000, 3),
             },
         )
-
-
-async def _refuse(_request: Any, _rpc: Rpc) -> Any:
-    raise _refusal_of(context.get())
-
-
-async def _refuse_stream(_request: Any, _rpc: Rpc) -> AsyncIterator[Any]:
-    raise _refusal_of(context.get())
-    yield  # a generator, like the handler it stands in for
-
-
-def _refusal_of(ctx: RequestContext) -> Exception:
-    assert ctx.refusal is not None
-    return ctx.refusal
-
-
-# One handler of each kind for every refusal (the error travels in the request's context), so
-# that RequestIdInterceptor's cache of wrapped handlers stays one entry per method.
-_REFUSE: Handler = grpc.unary_unary_rpc_method_handler(_refuse)
-_REFUSE_STREAM: Handler = grpc.unary_stream_rpc_method_handler(_refuse_stream)
-
-
-def _refusal(error: ServiceError, method: str) -> Handler:
-    """A handler of the method's kind that fails with `error` (surfaced by _translate_errors)."""
-    context.get().refusal = error
-    return _REFUSE_STREAM if _is_server_streaming(method) else _REFUSE
-
-
-@functools.cache
-def _is_server_streaming(method: str) -> bool:
-    """Whether `/package.Service/Method` streams its responses (by its proto descriptor)."""
-    service, _, name = method.strip("/").rpartition("/")
-    try:
-        descriptor = descriptor_pool.Default().FindServiceByName(service)
-    except KeyError:
-        return False
-    found = descriptor.methods_by_name.get(name)
-    return found is not None and found.server_streaming
-
-
-class _Gate(grpc.aio.ServerInterceptor):
-    """An interceptor that lets a call pass or refuses it with a ServiceError."""
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        if _is_exempt(handler_call_details):
-            return await continuation(handler_call_details)
-        try:
-            await self.check(context.get())
-        except ServiceError as error:
-            return _refusal(error, handler_call_details.method)
-        return await continuation(handler_call_details)
-
-    async def check(self, ctx: RequestContext) -> None:
-        raise NotImplementedError
-
-
-class AuthInterceptor(_Gate):
-    """`x-api-key` + `x-api-secret` (and `x-partner-id` when sent) must be a live credential."""
-
-    def __init__(self, db: Database, cache: AccessCache | None = None) -> None:
-        self.db = db
-        self.cache = cache
-
-    async def check(self, ctx: RequestContext) -> None:
-        if ctx.conflicting_headers & {"x-api-key", "x-api-secret", "x-partner-id"}:
-            raise Forbidden()
-        principal = await access.authenticate(
-            self.db,
-            api_key=ctx.headers.get("x-api-key"),
-            api_secret=ctx.headers.get("x-api-secret"),
-            partner_id=ctx.headers.get("x-partner-id"),
-            tenant=(ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")),
-            cache=self.cache,
-        )
-        ctx.grant = principal.grant
-        ctx.partner_pk = principal.partner_pk
-        ctx.partner_id = principal.partner_id
-        ctx.rate_limit_per_minute = principal.rate_limit_per_minute
-
-
-class TenantInterceptor(_Gate):
-    """Both tenant headers are required, and the partner must be granted them."""
-
-    def __init__(self, db: Database, cache: AccessCache | None = None) -> None:
-        self.db = db
-        self.cache = cache
-
-    async def check(self, ctx: RequestContext) -> None:
-        for name in ("x-tenant-id", "x-sub-tenant-id"):
-            if name in ctx.conflicting_headers:
-                raise RepeatedHeader(name)
-        tenant_id, sub_tenant_id = access.require_tenant(
-            ctx.headers.get("x-tenant-id"), ctx.headers.get("x-sub-tenant-id")
-        )
-        assert ctx.partner_pk is not None
-        await access.authorize_tenant(
-            self.db,
-            partner_pk=ctx.partner_pk,
-            tenant_id=tenant_id,
-            sub_tenant_id=sub_tenant_id,
-            known=ctx.grant,
-            cache=self.cache,
-        )
-        ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
-
-
-class RateLimitInterceptor(_Gate):
-    """Per partner: its own limit if set, else the default, per 60-second window."""
-
-    def __init__(
-        self, limiter: RateLimiter, default_per_minute: int, metrics: Metrics | None = None
-    ) -> None:
-        self.limiter = limiter
-        self.default_per_minute = default_per_minute
-        self.metrics = metrics
-
-    async def check(self, ctx: RequestContext) -> None:
-        assert ctx.partner_id is not None
-        limit = ctx.rate_limit_per_minute or self.default_per_minute
-        retry_after = await self.limiter.hit(ctx.partner_id, limit)
-        if retry_after is not None:
-            if self.metrics is not None:
-                self.metrics.rate_limited.labels(ctx.partner_id).inc()
-            raise RateLimited(retry_after)

@@ -121,6 +121,10 @@ async def test_rpc_counts_latency_rejections_pools_and_watchers(metered: App, db
     assert value(samples, "disposition_rate_limit_rejections_total", partner_id="limited") == 1
     assert value(samples, "disposition_rate_limit_rejections_total", partner_id="123") is None
     assert value(samples, "disposition_rate_limiter_fail_opens_total") == 0
+    # The 2 updates that found their customer and the 2 that did not, one after the other: 4
+    # group commits of one update each.
+    assert value(samples, "disposition_update_groups_total") == 4
+    assert value(samples, "disposition_update_group_updates_total") == 4
     # Nothing is in use between requests. SQLite: one writer connection and four readers.
     pools = {"writer": metered.db.writer, "reader": metered.db.reader}
     if metered.settings.is_sqlite:

@@ -24,6 +24,32 @@ class Principal:
     grant: tuple[str, str, bool] | None = None
 
 
+def authenticate_cached(
+    cache: AccessCache | None,
+    *,
+    api_key: str | None,
+    api_secret: str | None,
+    partner_id: str | None,
+    tenant: tuple[str | None, str | None] = (None, None),
+) -> Principal | None:
+    """authenticate() from the cache alone: the Principal, or None when the database must be
+    read (nothing cached, or not the grant for these tenant headers). Raises Forbidden."""
+    if not api_key or not api_secret:
+        raise Forbidden()
+    record = None if cache is None else cache.credential(api_key)
+    if record is None:
+        return None
+    assert cache is not None
+    tenant_id, sub_tenant_id = tenant
+    grant: tuple[str, str, bool] | None = None
+    if _given(tenant_id) and _given(sub_tenant_id):
+        granted = cache.grant(record.partner_pk, tenant_id, sub_tenant_id)
+        if granted is None:
+            return None  # read both again, in one statement
+        grant = (tenant_id, sub_tenant_id, granted)
+    return _principal(record, api_secret, partner_id, grant)
+
+
 async def authenticate(
     db: Database,
     *,
@@ -39,23 +65,27 @@ async def authenticate(
     (Principal.grant), so that authorize_tenant needs no second read. With a cache, a
     credential and grant read before are not read again (see server.domain.access_cache).
     """
-    if not api_key or not api_secret:
-        raise Forbidden()
+    found = authenticate_cached(
+        cache, api_key=api_key, api_secret=api_secret, partner_id=partner_id, tenant=tenant
+    )
+    if found is not None:
+        return found
+    assert api_key and api_secret  # authenticate_cached refuses the rest
     tenant_id, sub_tenant_id = tenant
     scoped = _given(tenant_id) and _given(sub_tenant_id)
-    record = None if cache is None else cache.credential(api_key)
-    grant: tuple[str, str, bool] | None = None
-    if record is not None and scoped:
-        assert tenant_id is not None and sub_tenant_id is not None
-        assert cache is not None
-        granted = cache.grant(record.partner_pk, tenant_id, sub_tenant_id)
-        if granted is None:
-            record = None  # read both again, in one statement
-        else:
-            grant = (tenant_id, sub_tenant_id, granted)
+    record, grant = await _read_access(db, api_key, tenant if scoped else None, cache)
     if record is None:
-        record, grant = await _read_access(db, api_key, tenant if scoped else None, cache)
-    if record is None or not secret_matches(api_secret, record.secret_sha256):
+        raise Forbidden()
+    return _principal(record, api_secret, partner_id, grant)
+
+
+def _principal(
+    record: CredentialRecord,
+    api_secret: str,
+    partner_id: str | None,
+    grant: tuple[str, str, bool] | None,
+) -> Principal:
+    if not secret_matches(api_secret, record.secret_sha256):
         raise Forbidden()
     if not record.enabled or (partner_id and partner_id != record.partner_id):
         raise Forbidden()
@@ -103,6 +133,20 @@ def _given(header: str | None) -> TypeGuard[str]:
     return header is not None and bool(header.strip())
 
 
+def granted_cached(
+    partner_pk: int,
+    tenant_id: str,
+    sub_tenant_id: str,
+    known: tuple[str, str, bool] | None,
+    cache: AccessCache | None,
+) -> bool | None:
+    """Whether the partner holds the grant, as read by authenticate for this request (`known`)
+    or cached; None when the database must be read."""
+    if known is not None and known[0] == tenant_id and known[1] == sub_tenant_id:
+        return known[2]
+    return None if cache is None else cache.grant(partner_pk, tenant_id, sub_tenant_id)
+
+
 async def authorize_tenant(
     db: Database,
     *,
@@ -114,10 +158,7 @@ async def authorize_tenant(
 ) -> None:
     """The partner must hold a grant for this tenant and sub-tenant (`known`: as read by
     authenticate for this request)."""
-    if known is not None and known[:2] == (tenant_id, sub_tenant_id):
-        granted: bool | None = known[2]
-    else:
-        granted = None if cache is None else cache.grant(partner_pk, tenant_id, sub_tenant_id)
+    granted = granted_cached(partner_pk, tenant_id, sub_tenant_id, known, cache)
     if granted is None:
         generation = 0 if cache is None else cache.generation
         async with db.read() as conn:

@@ -41,8 +41,9 @@ async def update_disposition_status(
         if found is None:
             raise CustomerNotFound(customer_id)
         return False
-    return await update_groups.groups_of(db).submit(
-        update_groups.PendingUpdate(
+    groups = update_groups.groups_of(db)
+    return await groups.submit(
+        groups.update(
             Scope(tenant_id, sub_tenant_id),
             customer_id,
             disposition_status or None,

@@ -46,6 +46,7 @@ class PendingUpdate:
         partner_pk: int,
         request_id: str,
         source: str,
+        done: asyncio.Future[bool],
     ) -> None:
         self.scope = scope
         self.customer_id = customer_id
@@ -53,7 +54,7 @@ class PendingUpdate:
         self.partner_pk = partner_pk
         self.request_id = request_id
         self.source = source
-        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.done = done
 
 
 class UpdateGroups:
@@ -61,10 +62,14 @@ class UpdateGroups:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.loop = asyncio.get_running_loop()
         self._queue: list[PendingUpdate] = []
         self._in_flight = 0
         self._busy: set[tuple[Scope, str]] = set()  # customers of the groups in flight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = False  # a _start_groups is scheduled
+        self.groups_run = 0  # units run, and the updates they carried (metrics)
+        self.updates_run = 0
         # Test hook: called with each group before it is applied.
         self.on_group: Callable[[Sequence[PendingUpdate]], None] | None = None
 
@@ -77,11 +82,27 @@ class UpdateGroups:
         write, like any cut-off request), and its group goes on for everybody else.
         """
         self._queue.append(update)
-        if self._in_flight < self.db.units.concurrency:
-            self._start_groups()
+        if self._in_flight < self.db.units.concurrency and not self._starting:
+            # After what is ready to run now: requests on their way here join this group.
+            self._starting = True
+            self.loop.call_soon(self._start_groups)
         return await update.done
 
+    def update(
+        self,
+        scope: Scope,
+        customer_id: str,
+        new_status: str | None,
+        partner_pk: int,
+        request_id: str,
+        source: str,
+    ) -> PendingUpdate:
+        """A PendingUpdate on this queue's loop."""
+        done: asyncio.Future[bool] = self.loop.create_future()
+        return PendingUpdate(scope, customer_id, new_status, partner_pk, request_id, source, done)
+
     def _start_groups(self) -> None:
+        self._starting = False
         while self._queue and self._in_flight < self.db.units.concurrency:
             group: list[PendingUpdate] = []
             waiting: list[PendingUpdate] = []
@@ -101,6 +122,8 @@ class UpdateGroups:
             customers = {(update.scope, update.customer_id) for update in group}
             self._busy |= customers
             self._in_flight += 1
+            self.groups_run += 1
+            self.updates_run += len(group)
             task = asyncio.create_task(self._apply(group, customers))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -126,7 +149,9 @@ class UpdateGroups:
         finally:
             self._busy -= customers
             self._in_flight -= 1
-            self._start_groups()
+            if self._queue and not self._starting:
+                self._starting = True
+                self.loop.call_soon(self._start_groups)
 
 
 _GROUPS: weakref.WeakKeyDictionary[Database, UpdateGroups] = weakref.WeakKeyDictionary()
@@ -138,6 +163,12 @@ def groups_of(db: Database) -> UpdateGroups:
     if found is None:
         found = _GROUPS[db] = UpdateGroups(db)
     return found
+
+
+def stats_of(db: Database) -> tuple[int, int]:
+    """(groups run, updates they carried) by the database's queue so far."""
+    found = _GROUPS.get(db)
+    return (0, 0) if found is None else (found.groups_run, found.updates_run)
 
 
 def _reads(group: Sequence[PendingUpdate]) -> Reads:

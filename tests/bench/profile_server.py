@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest", action="store_true", help="wrk through Envoy, not gRPC direct")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    parser.add_argument("--native", action="store_true", help="C and Cython frames too")
     parser.add_argument("--noop", action="store_true", help="profile the ceiling's no-op server")
     parser.add_argument(
         "--ingest", type=int, default=0, metavar="N",
@@ -102,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             pid, grpc_port, http_port = ceiling.pids[0], ceiling.grpc_port, ceiling.envoy.http_port
         folded = workdir / "server.folded"
         record = [py_spy, "record", "-p", str(pid), "-d", str(args.seconds + 1),
-                  "-r", "250", "--format", "raw", "-o", str(folded), "--nonblocking"]  # fmt: skip
+                  "-r", "250", "--format", "raw", "-o", str(folded)]  # fmt: skip
         if args.gil:
             record.append("--gil")
+        # C and Cython frames need the process paused for each sample; else it runs on.
+        record.append("--native" if args.native else "--nonblocking")
         # Built before sampling starts: the client's protobuf work is not the server's.
         batches = grpc_load.batches(args.customers, args.customers + args.ingest)
         spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
