@@ -139,6 +139,8 @@ class DispositionHistory(Base):
         Index("ix_history_customer", "customer_pk", "id"),
         UniqueConstraint("tenant_id", "seq", name="uq_history_tenant_seq"),
         Index("ix_history_tenant_changed_at", "tenant_id", "sub_tenant_id", "changed_at"),
+        # The feed of one sub-tenant: its changes in cursor order, whatever the statistics say.
+        Index("ix_history_tenant_sub_seq", "tenant_id", "sub_tenant_id", "seq"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -156,3 +157,37 @@ def batch_updates(
 
 def median_of(runs: list[dict[str, Any]], *keys: str) -> dict[str, Any]:
     return {key: round(statistics.median(float(r[key]) for r in runs), 2) for key in keys}
+
+
+# Issue 13: a change committed on one replica reaches a watcher on another (PostgreSQL).
+FEED_P50_MAX_MS, FEED_P99_MAX_MS = 10.0, 50.0
+
+
+def feed_suite(
+    pairs: dict[str, tuple[int, int]], partner: dict[str, Partner], customers: int, repeats: int
+) -> dict[str, Any]:
+    """Commit-acknowledged -> watcher latency for each (watch port, write port) pair, `repeats`
+    runs each; checks the cross-replica PostgreSQL pair ("postgres_other_replica")."""
+    result: dict[str, Any] = {}
+    for name, (watch_port, write_port) in pairs.items():
+        runs = [
+            feed_latency(watch_port=watch_port, write_port=write_port, partner=partner[name],
+                         customers=customers)
+            for _ in range(repeats)
+        ]  # fmt: skip
+        result[name] = {
+            **median_of(runs, "p50_ms", "p95_ms", "p99_ms", "max_ms"),
+            "missing": sum(int(r["missing"]) for r in runs),
+            "runs": runs,
+        }
+        print(f"[bench] feed latency {name}: {result[name]}", file=sys.stderr, flush=True)
+    cross = result.get("postgres_other_replica")
+    if cross is not None:
+        result["checks"] = [(
+            f"feed: PostgreSQL, written on one replica, seen on another: p50 "
+            f"{cross['p50_ms']:.1f} ms (max {FEED_P50_MAX_MS:.0f}), p99 {cross['p99_ms']:.1f} ms "
+            f"(max {FEED_P99_MAX_MS:.0f}), {cross['missing']} missing",
+            cross["p50_ms"] <= FEED_P50_MAX_MS and cross["p99_ms"] <= FEED_P99_MAX_MS
+            and cross["missing"] == 0,
+        )]  # fmt: skip
+    return result

@@ -24,11 +24,12 @@ def run_wrk(
     id_digits: int = 5,
 ) -> dict[str, float]:
     """One wrk run; every request is a real change to a random customer (see update.lua)."""
+    threads = min(threads, connections)
     argv = [
-        "wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{seconds}s",
+        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
         "--timeout", "10s", "-s", str(SCRIPT), f"http://127.0.0.1:{http_port}{REST_PATH}",
         "--", partner.api_key, partner.api_secret, partner.tenant_id, partner.sub_tenant_id,
-        str(customers), tag, str(id_digits),
+        str(customers), tag, str(id_digits), str(threads),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)

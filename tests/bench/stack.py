@@ -104,16 +104,20 @@ def _serving(
         yield proc, port
 
 
+SERVER = (str(BIN / "disposition-server"),)
+# The server without the summary's counters (tests/bench/no_counters_server.py): what they cost.
+NO_COUNTERS_SERVER = (sys.executable, "-m", "tests.bench.no_counters_server")
+
+
 @contextmanager
 def grpc_server(
-    env: dict[str, str], log_path: Path
+    env: dict[str, str], log_path: Path, argv: Sequence[str] = SERVER
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`disposition-server` on a free port, yielded once its health service says SERVING."""
+    """`disposition-server` (or `argv`) on a free port, yielded once its health service says
+    SERVING."""
     port = free_port()
     server_env = {**env, "GRPC_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    with _serving(
-        [str(BIN / "disposition-server")], server_env, port, log_path, "disposition-server"
-    ) as started:
+    with _serving(list(argv), server_env, port, log_path, "disposition-server") as started:
         yield started
 
 
@@ -238,7 +242,10 @@ class Topology:
 
 
 def single_topology(
-    workdir: Path, stack: ExitStack, seed: Callable[[Path], None] | None = None
+    workdir: Path,
+    stack: ExitStack,
+    seed: Callable[[Path], None] | None = None,
+    argv: Sequence[str] = SERVER,
 ) -> Topology:
     """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server.
     `seed` gets the database file after the bench partner is made, before the server starts."""
@@ -247,7 +254,7 @@ def single_topology(
     partner = create_partner(env)
     if seed is not None:
         seed(db)
-    server, port = stack.enter_context(grpc_server(env, workdir / "server.log"))
+    server, port = stack.enter_context(grpc_server(env, workdir / "server.log", argv))
     envoy = stack.enter_context(run_envoy(grpc_port=port, log_path=workdir / "envoy.log"))
     return Topology(
         "single",
@@ -257,10 +264,19 @@ def single_topology(
 
 
 def cluster_topology(
-    workdir: Path, stack: ExitStack, *, replicas: int, database_url: str, redis_url: str
+    workdir: Path,
+    stack: ExitStack,
+    *,
+    replicas: int,
+    database_url: str,
+    redis_url: str,
+    seed: Callable[[str], None] | None = None,
+    argv: Sequence[str] = SERVER,
 ) -> Topology:
     """`replicas` servers on a PostgreSQL schema and a Redis key prefix of this run (both
-    removed afterwards), Envoy balancing over them; gRPC load goes through Envoy too."""
+    removed afterwards), Envoy balancing over them; gRPC load goes through Envoy too (one
+    replica: straight to it, as for a single SQLite server). `seed` gets the schema's URL after
+    the bench partner is made, before the servers start."""
     tag = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
     url = make_url(database_url).update_query_dict({"search_path": tag})
     schema_url = url.render_as_string(hide_password=False)
@@ -278,8 +294,11 @@ def cluster_topology(
     stack.callback(cleanup)  # runs after every child below has stopped
     admin(env, "migrate")
     partner = create_partner(env)
+    if seed is not None:
+        seed(schema_url)
     started = [
-        stack.enter_context(grpc_server(env, workdir / f"server{i}.log")) for i in range(replicas)
+        stack.enter_context(grpc_server(env, workdir / f"server{i}.log", argv))
+        for i in range(replicas)
     ]
     ports = [port for _, port in started]
     envoy = stack.enter_context(run_envoy(grpc_port=ports, log_path=workdir / "envoy.log"))
@@ -289,9 +308,10 @@ def cluster_topology(
 
     return Topology(
         "cluster",
-        f"{replicas} replicas on PostgreSQL ({make_url(database_url).host}, schema {tag}), "
+        f"{replicas} replica(s) on PostgreSQL ({make_url(database_url).host}, schema {tag}), "
         "rate limits in Redis",
-        env, partner, [server for server, _ in started], ports, envoy, envoy.http_port, count,
+        env, partner, [server for server, _ in started], ports, envoy,
+        ports[0] if replicas == 1 else envoy.http_port, count,
     )  # fmt: skip
 
 

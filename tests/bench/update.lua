@@ -1,9 +1,11 @@
 -- wrk script for `make bench`: REST PUT /api/v1/partner/ingest/disposition-status through Envoy.
 --
---   wrk ... URL -- API_KEY API_SECRET TENANT SUB_TENANT CUSTOMERS RUN_TAG [ID_DIGITS]
+--   wrk ... URL -- API_KEY API_SECRET TENANT SUB_TENANT CUSTOMERS RUN_TAG ID_DIGITS THREADS
 --
--- Each request picks a random customer c00000..c<CUSTOMERS-1> (ID_DIGITS digits, default 5) and a status never sent before
--- ("w<run>-<thread>-<n>"), so every 200 is a real change that writes one history row.
+-- Each thread updates customers of its own (c00000..c<CUSTOMERS-1>, ID_DIGITS digits, default 5,
+-- those whose index modulo the thread count is the thread's), picked at random, and moves each
+-- through ten statuses in turn ("w<run>-0" .. "w<run>-9", as a tenant's catalog would have), so
+-- every 200 is a real change that writes one history row.
 -- response() counts non-2xx replies per thread (wrk's own errors.status counts only >= 400);
 -- done() prints one line "BENCH_JSON {...}" with counts and latency percentiles (microseconds).
 
@@ -16,12 +18,13 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-local counter = 0
 non_2xx = 0 -- global, so that done() can read it with thread:get()
 local customers
 local run_tag
 local id_format
 local headers
+local threads_total
+local moves = {} -- this thread's customers: how many updates each has had in this run
 
 function init(args)
   headers = {
@@ -34,14 +37,18 @@ function init(args)
   customers = tonumber(args[5])
   run_tag = args[6]
   id_format = "c%0" .. (args[7] or "5") .. "d"
+  threads_total = tonumber(args[8] or "1")
   math.randomseed(os.time() * 1000 + thread_tag)
 end
 
 function request()
-  counter = counter + 1
+  local mine = math.floor((customers - thread_tag) / threads_total) + 1
+  local customer = math.random(0, mine - 1) * threads_total + (thread_tag - 1)
+  local n = (moves[customer] or 0) + 1
+  moves[customer] = n
   local body = string.format(
-    '{"customer_id":"%s","disposition_status":"w%s-%d-%d"}',
-    string.format(id_format, math.random(0, customers - 1)), run_tag, thread_tag, counter
+    '{"customer_id":"%s","disposition_status":"w%s-%d"}',
+    string.format(id_format, customer), run_tag, n % 10
   )
   return wrk.format("PUT", nil, headers, body)
 end

@@ -1,4 +1,4 @@
-"""Report counters, HOT status updates and the write conflict function.
+"""Report counters, HOT status updates, the write conflict function, a feed index.
 
 - `status_counts` and `status_change_hours`: the summary report's counts, kept by every write
   from now on; filled here from the customers and the history as they are. Stop the servers
@@ -7,6 +7,8 @@
 - PostgreSQL: pages keep free space (fillfactor) so that status updates stay on their page (HOT,
   no index entries); it applies to pages written from now on (`VACUUM FULL customers` rewrites
   the old ones, with an exclusive lock).
+- `ix_history_tenant_sub_seq`: a sub-tenant's changes in cursor order (the change feed of one
+  sub-tenant reads only its own rows, and no planner estimate can make it scan the others').
 - PostgreSQL: `disposition_conflict(text)`, which a write statement calls to abort itself
   (SQLSTATE 40001, serialization_failure) when what it read has changed since; the server reads
   again and retries (server/storage/postgres_writer.py).
@@ -55,6 +57,9 @@ def upgrade() -> None:
         ),
         postgresql_with={"fillfactor": 80},
     )
+    op.create_index(
+        "ix_history_tenant_sub_seq", "disposition_history", ["tenant_id", "sub_tenant_id", "seq"]
+    )
     op.execute(
         "INSERT INTO status_counts (tenant_id, sub_tenant_id, disposition_status, customers)"
         " SELECT tenant_id, sub_tenant_id, coalesce(disposition_status, ''), count(*)"
@@ -90,5 +95,6 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION disposition_conflict(text)")
         for table in _FILLFACTOR:
             op.execute(f"ALTER TABLE {table} RESET (fillfactor)")
+    op.drop_index("ix_history_tenant_sub_seq", "disposition_history")
     op.drop_table("status_change_hours")
     op.drop_table("status_counts")
