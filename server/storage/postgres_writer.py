@@ -23,6 +23,7 @@ with NOTIFY (delivered at commit) to the change feeds of every replica (postgres
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,16 +42,38 @@ LOCKED_ATTEMPTS = 3
 FEED_CHANNEL = "disposition_feed"
 _RETRIED = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 
+
+class Statement:
+    """SQL with `:name` parameters, numbered for the driver once; arguments taken by name."""
+
+    def __init__(self, sql: str) -> None:
+        self.names: list[str] = []
+
+        def number(found: re.Match[str]) -> str:
+            if found[1] not in self.names:
+                self.names.append(found[1])
+            return f"${self.names.index(found[1]) + 1}"
+
+        self.sql = _PARAMETER.sub(number, sql)
+
+    def arguments(self, values: dict[str, Any]) -> list[Any]:
+        return [values[name] for name in self.names]
+
+
+_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+# The sub-tenant's own catalog when it has one, else the tenant-wide one ('*').
 _CATALOG_IN_FORCE = (
-    # The sub-tenant's own catalog when it has one, else the tenant-wide one ('*').
     "CASE WHEN EXISTS (SELECT 1 FROM disposition_catalog o"
     " WHERE o.tenant_id = {t} AND o.sub_tenant_id = {s}) THEN {s} ELSE '*' END"
 )
 
-READ_SQL = """
+# -- READ: rows of four kinds, each a part of the Snapshot -------------------------------------
+
+_READ_CUSTOMERS = """
 WITH found AS MATERIALIZED (
   SELECT c.id, c.tenant_id, c.sub_tenant_id, c.customer_id, c.disposition_status
-  FROM unnest($1::text[], $2::text[], $3::text[]) AS w(t, s, cid)
+  FROM unnest(:want_t::text[], :want_s::text[], :want_cid::text[]) AS w(t, s, cid)
   JOIN customers c ON c.tenant_id = w.t AND c.sub_tenant_id = w.s AND c.customer_id = w.cid
   {lock}
 )
@@ -61,68 +84,99 @@ FROM found
 UNION ALL
 SELECT 1, e.position, k.t, k.s, e.sub_tenant_id, e.disposition_status, e.label, e.final,
        e.do_not_call, e.callback, NULL
-FROM unnest($4::text[], $5::text[]) AS k(t, s)
-JOIN disposition_catalog e ON e.tenant_id = k.t AND e.sub_tenant_id = CATALOG_IN_FORCE
+FROM unnest(:catalog_t::text[], :catalog_s::text[]) AS k(t, s)
+JOIN disposition_catalog e ON e.tenant_id = k.t AND e.sub_tenant_id = {catalog_in_force}
+""".replace("{catalog_in_force}", _CATALOG_IN_FORCE.format(t="k.t", s="k.s"))
+_READ_CALLS_AND_KEY = """
 UNION ALL
 SELECT 2, NULL, NULL, NULL, call_id, NULL, NULL, NULL, NULL, NULL, NULL
-FROM calls WHERE partner_pk = $6 AND call_id = ANY($7::text[])
+FROM calls WHERE partner_pk = :calls_partner AND call_id = ANY(:call_ids::text[])
 UNION ALL
 SELECT 3, NULL, method, fingerprint, response, NULL, NULL, NULL, NULL, NULL, created_at
-FROM idempotency_keys WHERE partner_pk = $8 AND key = $9
-""".replace("CATALOG_IN_FORCE", _CATALOG_IN_FORCE.format(t="k.t", s="k.s"))
-READ_OPTIMISTIC = READ_SQL.format(lock="")
-READ_LOCKED = READ_SQL.format(lock="ORDER BY c.id FOR UPDATE OF c")
+FROM idempotency_keys WHERE partner_pk = :key_partner AND key = :key
+"""
+# (customers and catalogs only, or all four) x (optimistic, customers locked)
+_READS = {
+    (full, locked): Statement(
+        _READ_CUSTOMERS.replace("{lock}", "ORDER BY c.id FOR UPDATE OF c" if locked else "")
+        + (_READ_CALLS_AND_KEY if full else "")
+    )
+    for full in (False, True)
+    for locked in (False, True)
+}
 
-# $1 now; every other parameter is an array (empty when the plan has none of its kind) or a
-# scalar of the idempotency key. Each step runs only once the one before has written (its
-# scalar subquery in the WHERE clause), in the lock order described above.
-WRITE_SQL = """
-WITH new_c AS (
-  INSERT INTO customers AS c (tenant_id, sub_tenant_id, customer_id, name, email,
+# -- WRITE: the plan, and what follows from it -------------------------------------------------
+# Each step runs only once the step before has written (its scalar subquery in the WHERE
+# clause): the lock order of the module's docstring. `held` is the check of everything the
+# decision relied on; the final SELECT aborts the statement when it failed.
+
+_NEW_CUSTOMERS = """
+new_ids AS MATERIALIZED (
+  SELECT coalesce(array_agg(nextval(pg_get_serial_sequence('customers', 'id')) ORDER BY n),
+                  '{}') AS ids
+  FROM generate_series(1, cardinality(:new_t::text[])) AS n
+),
+new_c AS (
+  INSERT INTO customers AS c (id, tenant_id, sub_tenant_id, customer_id, name, email,
                               disposition_status, created_at, updated_at)
-  SELECT n.t, n.s, n.cid, n.nm, n.em, n.st, $1::timestamptz, $1::timestamptz
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-       AS n(t, s, cid, nm, em, st)
-  ORDER BY n.t, n.s, n.cid
+  SELECT (SELECT ids FROM new_ids)[n.ord], n.t, n.s, n.cid, n.nm, n.em, n.st,
+         :now::timestamptz, :now::timestamptz
+  FROM unnest(:new_t::text[], :new_s::text[], :new_cid::text[], :new_name::text[],
+              :new_email::text[], :new_status::text[])
+       WITH ORDINALITY AS n(t, s, cid, nm, em, st, ord)
+  ORDER BY n.ord
   ON CONFLICT (tenant_id, sub_tenant_id, customer_id) DO NOTHING
-  RETURNING c.id, c.tenant_id, c.sub_tenant_id, c.customer_id
+  RETURNING c.id
 ),
 upd AS (
   UPDATE customers AS c
   SET disposition_status = CASE WHEN u.set_status THEN u.st ELSE c.disposition_status END,
-      name = coalesce(u.nm, c.name), email = coalesce(u.em, c.email), updated_at = $1
-  FROM unnest($8::bigint[], $9::boolean[], $10::text[], $11::text[], $12::text[], $13::text[])
+      name = coalesce(u.nm, c.name), email = coalesce(u.em, c.email), updated_at = :now
+  FROM unnest(:upd_pk::bigint[], :upd_set::boolean[], :upd_expected::text[],
+              :upd_status::text[], :upd_name::text[], :upd_email::text[])
        AS u(pk, set_status, expected, st, nm, em)
   WHERE c.id = u.pk
     AND (NOT u.set_status OR c.disposition_status IS NOT DISTINCT FROM u.expected)
     AND (SELECT count(*) FROM new_c) >= 0
   RETURNING c.id
-),
+),"""
+_STATUSES_ONLY = """
+upd AS (
+  UPDATE customers AS c SET disposition_status = u.st, updated_at = :now
+  FROM unnest(:upd_pk::bigint[], :upd_expected::text[], :upd_status::text[])
+       AS u(pk, expected, st)
+  WHERE c.id = u.pk AND c.disposition_status IS NOT DISTINCT FROM u.expected
+  RETURNING c.id
+),"""
+_HELD = """
 held AS MATERIALIZED (
-  SELECT (SELECT count(*) FROM new_c) = cardinality($2::text[])
-     AND (SELECT count(*) FROM upd) = cardinality($8::bigint[])
+  SELECT {created}(SELECT count(*) FROM upd) = cardinality(:upd_pk::bigint[])
      AND NOT EXISTS (
-       SELECT 1 FROM unnest($14::text[], $15::text[], $16::text[]) AS a(t, s, st),
-            LATERAL (SELECT CATALOG_IN_FORCE AS sub) AS x
+       SELECT 1 FROM unnest(:allowed_t::text[], :allowed_s::text[], :allowed_status::text[])
+                     AS a(t, s, st),
+            LATERAL (SELECT {catalog_in_force} AS sub) AS x
        WHERE EXISTS (SELECT 1 FROM disposition_catalog e
                      WHERE e.tenant_id = a.t AND e.sub_tenant_id = x.sub)
          AND NOT EXISTS (SELECT 1 FROM disposition_catalog e WHERE e.tenant_id = a.t
                          AND e.sub_tenant_id = x.sub AND e.disposition_status = a.st)
      ) AS ok
-),
+),""".replace("{catalog_in_force}", _CATALOG_IN_FORCE.format(t="a.t", s="a.s"))
+_CALLS_AND_KEY = """
 calls_ins AS (
   INSERT INTO calls (partner_pk, call_id, customer_pk, tenant_id, sub_tenant_id, recording_url,
                      start_time, end_time, contact_number, agent_id, agent_email, agent_name,
                      callback_url, metadata, custom_fields, request_id, created_at)
-  SELECT x.partner, x.call_id, coalesce(x.pk, r.id), x.t, x.s, x.url, x.st, x.et, x.num,
-         x.agent, x.aemail, x.aname, x.cb, x.meta::json, x.fields::json, x.req, $1
-  FROM unnest($17::bigint[], $18::text[], $19::text[], $20::bigint[], $21::text[], $22::text[],
-              $23::text[], $24::timestamptz[], $25::timestamptz[], $26::text[], $27::text[],
-              $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::text[])
-       AS x(partner, call_id, cid, pk, t, s, url, st, et, num, agent, aemail, aname, cb, meta,
+  SELECT x.partner, x.call_id, coalesce(x.pk, (SELECT ids FROM new_ids)[x.new]), x.t, x.s,
+         x.url, x.st, x.et, x.num, x.agent, x.aemail, x.aname, x.cb, x.meta::json,
+         x.fields::json, x.req, :now
+  FROM unnest(:call_partner::bigint[], :call_id::text[], :call_pk::bigint[],
+              :call_new::integer[], :call_t::text[], :call_s::text[], :call_url::text[],
+              :call_start::timestamptz[], :call_end::timestamptz[], :call_number::text[],
+              :call_agent::text[], :call_agent_email::text[], :call_agent_name::text[],
+              :call_callback::text[], :call_metadata::text[], :call_fields::text[],
+              :call_request::text[])
+       AS x(partner, call_id, pk, new, t, s, url, st, et, num, agent, aemail, aname, cb, meta,
             fields, req)
-  LEFT JOIN new_c r ON x.pk IS NULL AND r.tenant_id = x.t AND r.sub_tenant_id = x.s
-                   AND r.customer_id = x.cid
   WHERE (SELECT ok FROM held)
   ORDER BY x.partner, x.call_id
   ON CONFLICT (partner_pk, call_id) DO NOTHING
@@ -130,31 +184,36 @@ calls_ins AS (
 ),
 key_new AS (
   INSERT INTO idempotency_keys (partner_pk, key, method, fingerprint, response, created_at)
-  SELECT $34::bigint, $35::text, $36::text, $37::text, $38::text, $1
-  WHERE $34::bigint IS NOT NULL AND $39::timestamptz IS NULL
+  SELECT :key_partner::bigint, :key::text, :key_method::text, :key_fingerprint::text,
+         :key_response::text, :now
+  WHERE :key_partner::bigint IS NOT NULL AND :key_replaces::timestamptz IS NULL
     AND (SELECT ok FROM held) AND (SELECT count(*) FROM calls_ins) >= 0
   ON CONFLICT (partner_pk, key) DO NOTHING
   RETURNING 1
 ),
 key_old AS (
-  UPDATE idempotency_keys SET method = $36, fingerprint = $37, response = $38, created_at = $1
-  WHERE partner_pk = $34 AND key = $35 AND created_at = $39
+  UPDATE idempotency_keys SET method = :key_method, fingerprint = :key_fingerprint,
+                              response = :key_response, created_at = :now
+  WHERE partner_pk = :key_partner AND key = :key AND created_at = :key_replaces
     AND (SELECT ok FROM held) AND (SELECT count(*) FROM calls_ins) >= 0
   RETURNING 1
 ),
 key_prune AS (
   DELETE FROM idempotency_keys WHERE id IN (
     SELECT id FROM idempotency_keys
-    WHERE $34::bigint IS NOT NULL AND created_at < $40 AND NOT (partner_pk = $34 AND key = $35)
+    WHERE :key_partner::bigint IS NOT NULL AND created_at < :key_prune_before
+      AND NOT (partner_pk = :key_partner AND key = :key)
       AND (SELECT count(*) FROM key_new) + (SELECT count(*) FROM key_old) = 1
-    ORDER BY created_at LIMIT $41 FOR UPDATE SKIP LOCKED)
+    ORDER BY created_at LIMIT :key_prune_limit FOR UPDATE SKIP LOCKED)
   RETURNING 1
-),
+),"""
+_CHANGES = """
 counts AS (
   INSERT INTO status_counts AS sc (tenant_id, sub_tenant_id, disposition_status, customers)
   SELECT d.t, d.s, d.st, d.n
-  FROM unnest($42::text[], $43::text[], $44::text[], $45::bigint[]) AS d(t, s, st, n)
-  WHERE (SELECT ok FROM held) AND (SELECT count(*) FROM key_prune) >= 0
+  FROM unnest(:count_t::text[], :count_s::text[], :count_status::text[], :count_n::bigint[])
+       AS d(t, s, st, n)
+  WHERE (SELECT ok FROM held){after_key}
   ORDER BY d.t, d.s, d.st
   ON CONFLICT (tenant_id, sub_tenant_id, disposition_status)
   DO UPDATE SET customers = sc.customers + excluded.customers
@@ -163,8 +222,9 @@ counts AS (
 hours AS (
   INSERT INTO status_change_hours AS sh (tenant_id, sub_tenant_id, hour, disposition_status,
                                          changes)
-  SELECT d.t, d.s, $46::timestamptz, d.st, d.n
-  FROM unnest($47::text[], $48::text[], $49::text[], $50::bigint[]) AS d(t, s, st, n)
+  SELECT d.t, d.s, :hour::timestamptz, d.st, d.n
+  FROM unnest(:hour_t::text[], :hour_s::text[], :hour_status::text[], :hour_n::bigint[])
+       AS d(t, s, st, n)
   WHERE (SELECT ok FROM held) AND (SELECT count(*) FROM counts) >= 0
   ORDER BY d.t, d.s, d.st
   ON CONFLICT (tenant_id, sub_tenant_id, hour, disposition_status)
@@ -173,7 +233,7 @@ hours AS (
 ),
 seq AS (
   INSERT INTO feed_sequences AS f (tenant_id, last_seq)
-  SELECT q.t, q.n FROM unnest($51::text[], $52::bigint[]) AS q(t, n)
+  SELECT q.t, q.n FROM unnest(:cursor_t::text[], :cursor_n::bigint[]) AS q(t, n)
   WHERE (SELECT ok FROM held) AND (SELECT count(*) FROM hours) >= 0
   ORDER BY q.t
   ON CONFLICT (tenant_id) DO UPDATE SET last_seq = f.last_seq + excluded.last_seq
@@ -182,91 +242,136 @@ seq AS (
 hist AS (
   INSERT INTO disposition_history (seq, customer_pk, tenant_id, sub_tenant_id, previous_status,
                                    new_status, source, partner_pk, request_id, changed_at)
-  SELECT seq.last_seq - h.off, coalesce(h.pk, r.id), h.t, h.s, h.prev, h.new, h.src,
-         h.partner, h.req, $1
-  FROM unnest($53::text[], $54::text[], $55::text[], $56::bigint[], $57::text[], $58::text[],
-              $59::text[], $60::bigint[], $61::text[], $62::bigint[]) WITH ORDINALITY
-       AS h(t, s, cid, pk, prev, new, src, partner, req, off, ord)
+  SELECT seq.last_seq - h.off, {customer_pk}, h.t, h.s, h.prev, h.new_status, h.src,
+         h.partner, h.req, :now
+  FROM unnest(:change_t::text[], :change_s::text[], :change_pk::bigint[],
+              :change_new::integer[], :change_previous::text[], :change_status::text[],
+              :change_source::text[], :change_partner::bigint[], :change_request::text[],
+              :change_offset::bigint[])
+       WITH ORDINALITY AS h(t, s, pk, new, prev, new_status, src, partner, req, off, ord)
   JOIN seq ON seq.tenant_id = h.t
-  LEFT JOIN new_c r ON h.pk IS NULL AND r.tenant_id = h.t AND r.sub_tenant_id = h.s
-                   AND r.customer_id = h.cid
   ORDER BY h.ord
   RETURNING 1
 )
 SELECT CASE
          WHEN NOT (SELECT ok FROM held) THEN disposition_conflict('a customer or a catalog')
-         WHEN (SELECT count(*) FROM calls_ins) <> cardinality($18::text[])
-           THEN disposition_conflict('a call')
-         WHEN $34::bigint IS NOT NULL
-              AND (SELECT count(*) FROM key_new) + (SELECT count(*) FROM key_old) <> 1
-           THEN disposition_conflict('the idempotency key')
+         {more_checks}
        END,
        (SELECT count(*) FROM hist),
-       (SELECT count(pg_notify($63, json_build_array(current_schema(), tenant_id,
-                                                     last_seq)::text)) FROM seq)
-""".replace("CATALOG_IN_FORCE", _CATALOG_IN_FORCE.format(t="a.t", s="a.s"))
+       (SELECT count(pg_notify(:channel, json_build_array(current_schema(), tenant_id,
+                                                          last_seq)::text)) FROM seq)
+"""
+_MORE_CHECKS = """
+         WHEN (SELECT count(*) FROM calls_ins) <> cardinality(:call_id::text[])
+           THEN disposition_conflict('a call')
+         WHEN :key_partner::bigint IS NOT NULL
+              AND (SELECT count(*) FROM key_new) + (SELECT count(*) FROM key_old) <> 1
+           THEN disposition_conflict('the idempotency key')"""
+
+# Status changes of existing customers only (single updates, batch updates), or everything.
+WRITE_STATUSES = Statement(
+    "WITH"
+    + _STATUSES_ONLY
+    + _HELD.replace("{created}", "")
+    + _CHANGES.replace("{after_key}", "")
+    .replace("{customer_pk}", "h.pk")
+    .replace("{more_checks}", "")
+)
+WRITE_ANY = Statement(
+    "WITH"
+    + _NEW_CUSTOMERS
+    + _HELD.replace(
+        "{created}", "(SELECT count(*) FROM new_c) = cardinality(:new_t::text[])\n     AND "
+    )
+    + _CALLS_AND_KEY
+    + _CHANGES.replace("{after_key}", " AND (SELECT count(*) FROM key_prune) >= 0")
+    .replace("{customer_pk}", "coalesce(h.pk, (SELECT ids FROM new_ids)[h.new])")
+    .replace("{more_checks}", _MORE_CHECKS)
+)
 
 
-def write_arguments(plan: Plan) -> list[Any]:
-    """WRITE_SQL's parameters for a plan (columns as arrays)."""
+def _only_statuses(plan: Plan) -> bool:
+    return not (plan.new_customers or plan.profiles or plan.calls or plan.key)
+
+
+def write_statement(plan: Plan) -> tuple[str, list[Any]]:
+    """The WRITE statement for a plan and its arguments (columns as arrays).
+
+    New customers get their ids in the statement, in the order of their (sorted) array, the
+    order in which writers insert keys; the changes and calls of a new customer name it by its
+    position there (1-based), those of an existing one by its id.
+    """
+    new = sorted(plan.new_customers)
+    position = {(n.tenant_id, n.sub_tenant_id, n.customer_id): i for i, n in enumerate(new, 1)}
     changes = plan.changes
-    # The statuses set, each checked against its scope's catalog in force.
+    values: dict[str, Any] = {"now": plan.now, "hour": units.hour_of(plan.now)}
+    values["channel"] = FEED_CHANNEL
+    updates = units.customer_updates(plan)
+    # Every status set, checked against its scope's catalog in force.
     allowed = sorted({(c[0], c[1], c.new_status) for c in changes if c.new_status})
-    calls = [
-        (c.partner_pk, c.call_id, c.customer_id, c.customer_pk, c.tenant_id, c.sub_tenant_id,
-         c.recording_url, c.start_time, c.end_time, c.contact_number, c.agent_id, c.agent_email,
-         c.agent_name, c.callback_url, bulk.db_json(c.metadata), bulk.db_json(c.custom_fields),
-         c.request_id)
-        for c in plan.calls
-    ]  # fmt: skip
-    key = plan.key
-    key_arguments = (
-        (key.partner_pk, key.key, key.method, key.fingerprint, key.response, key.replaces,
-         key.prune_before)
-        if key is not None
-        else (None,) * 7
-    )  # fmt: skip
-    history = [
-        (c.tenant_id, c.sub_tenant_id, c.customer_id, c.customer_pk, c.previous_status,
-         c.new_status, c.source, c.partner_pk, c.request_id, offset)
+    _put(values, "allowed", ("t", "s", "status"), allowed)
+    _put(values, "count", ("t", "s", "status", "n"), units.status_deltas(plan))
+    _put(values, "hour", ("t", "s", "status", "n"), units.hour_deltas(plan))
+    _put(values, "cursor", ("t", "n"), units.tenant_counts(changes))
+    _put(values, "change", ("t", "s", "pk", "new", "previous", "status", "source", "partner",
+                            "request", "offset"), [
+        (c.tenant_id, c.sub_tenant_id, c.customer_pk,
+         None if c.customer_pk is not None else position[c[0], c[1], c.customer_id],
+         c.previous_status, c.new_status, c.source, c.partner_pk, c.request_id, offset)
         for c, offset in zip(changes, units.cursor_offsets(changes), strict=True)
-    ]  # fmt: skip
-    return [
-        plan.now,
-        *_columns(plan.new_customers, 6),
-        *_columns(units.customer_updates(plan), 6),
-        *_columns(allowed, 3),
-        *_columns(calls, 17),
-        *key_arguments,
-        units.PRUNE_KEYS,
-        *_columns(units.status_deltas(plan), 4),
-        units.hour_of(plan.now),
-        *_columns(units.hour_deltas(plan), 4),
-        *_columns(units.tenant_counts(changes), 2),
-        *_columns(history, 10),
-        FEED_CHANNEL,
-    ]
+    ])  # fmt: skip
+    if _only_statuses(plan):
+        _put(values, "upd", ("pk", "expected", "status"),
+             [(u.customer_pk, u.expected, u.status) for u in updates])  # fmt: skip
+        return WRITE_STATUSES.sql, WRITE_STATUSES.arguments(values)
+    _put(values, "new", ("t", "s", "cid", "name", "email", "status"), new)
+    _put(values, "upd", ("pk", "set", "expected", "status", "name", "email"), updates)
+    _put(values, "call", ("partner", "id", "pk", "new", "t", "s", "url", "start", "end",
+                          "number", "agent", "agent_email", "agent_name", "callback", "metadata",
+                          "fields", "request"), [
+        (c.partner_pk, c.call_id, c.customer_pk,
+         None if c.customer_pk is not None else position[c.tenant_id, c.sub_tenant_id,
+                                                           c.customer_id],
+         c.tenant_id, c.sub_tenant_id, c.recording_url, c.start_time, c.end_time,
+         c.contact_number, c.agent_id, c.agent_email, c.agent_name, c.callback_url,
+         bulk.db_json(c.metadata), bulk.db_json(c.custom_fields), c.request_id)
+        for c in plan.calls
+    ])  # fmt: skip
+    key = plan.key
+    values.update(
+        key_partner=None if key is None else key.partner_pk,
+        key=None if key is None else key.key,
+        key_method=None if key is None else key.method,
+        key_fingerprint=None if key is None else key.fingerprint,
+        key_response=None if key is None else key.response,
+        key_replaces=None if key is None else key.replaces,
+        key_prune_before=None if key is None else key.prune_before,
+        key_prune_limit=units.PRUNE_KEYS,
+    )
+    return WRITE_ANY.sql, WRITE_ANY.arguments(values)
 
 
-def _columns(rows: Any, width: int) -> list[list[Any]]:
-    """Rows as `width` column lists (asyncpg sends each as one array)."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(column) for column in zip(*rows, strict=True)]
+def _put(values: dict[str, Any], prefix: str, names: tuple[str, ...], rows: Any) -> None:
+    """`rows` as one array per column, named `<prefix>_<name>` (asyncpg sends each as one)."""
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+    for name, column in zip(names, columns, strict=True):
+        values[f"{prefix}_{name}"] = list(column)
 
 
-def read_arguments(reads: Reads) -> list[Any]:
+def read_statement(reads: Reads, *, locked: bool) -> tuple[str, list[Any]]:
+    """The READ statement for what a unit reads, and its arguments."""
+    values: dict[str, Any] = {}
     wanted = [(*scope, cid) for scope, ids in reads.customers.items() for cid in ids]
-    partner_pk, call_ids = reads.calls if reads.calls is not None else (None, [])
-    key_partner, key = reads.key if reads.key is not None else (None, None)
-    return [
-        *_columns(wanted, 3),
-        *_columns(list(reads.catalogs), 2),
-        partner_pk,
-        list(call_ids),
-        key_partner,
-        key,
-    ]
+    _put(values, "want", ("t", "s", "cid"), wanted)
+    _put(values, "catalog", ("t", "s"), list(reads.catalogs))
+    full = reads.calls is not None or reads.key is not None
+    if full:
+        values["calls_partner"], values["call_ids"] = (
+            (reads.calls[0], list(reads.calls[1])) if reads.calls is not None else (None, [])
+        )
+        values["key_partner"], values["key"] = reads.key if reads.key is not None else (None, None)
+    statement = _READS[full, locked]
+    return statement.sql, statement.arguments(values)
 
 
 def snapshot_of(reads: Reads, rows: list[asyncpg.Record]) -> Snapshot:
@@ -315,7 +420,7 @@ class PostgresUnits:
     @property
     def concurrency(self) -> int:
         # Leave connections for batch requests beside the group commits.
-        return 2
+        return 1
 
     async def pool(self) -> asyncpg.Pool:
         """The pool, opened on first use (inside the running event loop)."""
@@ -325,6 +430,9 @@ class PostgresUnits:
             async with self._opening:
                 if self._pool is None:
                     settings = {} if self.schema is None else {"search_path": self.schema}
+                    # The statements are written for generic plans (arrays, never literals):
+                    # planned once per connection instead of at every execution.
+                    settings["plan_cache_mode"] = "force_generic_plan"
                     self._pool = await asyncpg.create_pool(
                         self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings
                     )
@@ -340,27 +448,30 @@ class PostgresUnits:
 
     async def run(self, reads: Reads, decide: Callable[[Snapshot], tuple[Plan | None, T]]) -> T:
         pool = await self.pool()
-        read_arguments_ = read_arguments(reads)
+        read = read_statement(reads, locked=False)
         for _ in range(OPTIMISTIC_ATTEMPTS):
             async with pool.acquire() as conn:
-                rows = await conn.fetch(READ_OPTIMISTIC, *read_arguments_)
+                rows = await conn.fetch(read[0], *read[1])
                 plan, result = decide(snapshot_of(reads, rows))
                 if plan is None:
                     return result
+                write, arguments = write_statement(plan)
                 try:
-                    await conn.fetch(WRITE_SQL, *write_arguments(plan))
+                    await conn.fetch(write, *arguments)
                 except _RETRIED:
                     continue
             self._on_commit()
             return result
+        read = read_statement(reads, locked=True)
         for attempt in range(LOCKED_ATTEMPTS):
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    rows = await conn.fetch(READ_LOCKED, *read_arguments_)
+                    rows = await conn.fetch(read[0], *read[1])
                     plan, result = decide(snapshot_of(reads, rows))
                     if plan is None:
                         return result
-                    await conn.fetch(WRITE_SQL, *write_arguments(plan))
+                    write, arguments = write_statement(plan)
+                    await conn.fetch(write, *arguments)
             except _RETRIED:
                 if attempt + 1 == LOCKED_ATTEMPTS:
                     raise
