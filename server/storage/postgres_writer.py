@@ -69,6 +69,8 @@ _CATALOG_IN_FORCE = (
 )
 
 # -- READ: rows of four kinds, each a part of the Snapshot -------------------------------------
+# Every lookup is a join of an array with a unique index: one probe per element, whatever the
+# (generic) plan assumes of the table's size.
 
 _READ_CUSTOMERS = """
 WITH found AS MATERIALIZED (
@@ -89,8 +91,9 @@ JOIN disposition_catalog e ON e.tenant_id = k.t AND e.sub_tenant_id = {catalog_i
 """.replace("{catalog_in_force}", _CATALOG_IN_FORCE.format(t="k.t", s="k.s"))
 _READ_CALLS_AND_KEY = """
 UNION ALL
-SELECT 2, NULL, NULL, NULL, call_id, NULL, NULL, NULL, NULL, NULL, NULL
-FROM calls WHERE partner_pk = :calls_partner AND call_id = ANY(:call_ids::text[])
+SELECT 2, NULL, NULL, NULL, l.call_id, NULL, NULL, NULL, NULL, NULL, NULL
+FROM unnest(:call_ids::text[]) AS i(call_id)
+JOIN calls l ON l.partner_pk = :calls_partner AND l.call_id = i.call_id
 UNION ALL
 SELECT 3, NULL, method, fingerprint, response, NULL, NULL, NULL, NULL, NULL, created_at
 FROM idempotency_keys WHERE partner_pk = :key_partner AND key = :key
