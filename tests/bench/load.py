@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from tests.bench import grpc_load, rest_load
 from tests.bench.stack import (
+    STAGE_SERVER,
     RssSampler,
     ceiling_for,
     cpu_seconds,
@@ -63,6 +64,7 @@ class Side(NamedTuple):
     envoy_admin_port: int
     history_rows: Callable[[], int] | None  # None: the no-op writes nothing, nothing to check
     what: str  # the servers' name in error messages
+    partner: Any  # whose credentials the load sends
 
     @property
     def pids(self) -> list[int]:
@@ -116,29 +118,33 @@ def load_suite(args: Any, workdir: Path, stack: ExitStack) -> dict[str, Any]:
     progress(f"load: ingested {args.customers} customers: {setup['calls_per_s']} calls/s")
     idle_rss = total_rss_mb(topology.pids)
     ceiling = ceiling_for(topology, folder, stack)
+    (folder / "stage").mkdir()
+    stage = single_topology(folder / "stage", stack, argv=STAGE_SERVER)
     sides = [
         Side("real", topology.envoy.http_port, topology.grpc_port, topology.servers,
-             topology.envoy.admin_port, topology.history_rows, "disposition-server"),
+             topology.envoy.admin_port, topology.history_rows, "disposition-server", partner),
         Side("ceiling", ceiling.envoy.http_port, ceiling.grpc_port, ceiling.servers,
-             ceiling.envoy.admin_port, None, "the no-op server"),
+             ceiling.envoy.admin_port, None, "the no-op server", partner),
+        Side("before_storage", stage.envoy.http_port, stage.grpc_port, stage.servers,
+             stage.envoy.admin_port, None, "the server that stops before storage",
+             stage.partner),
     ]  # fmt: skip
-    common = {"partner": partner, "customers": args.customers}
 
     def rest(side: Side, connections: int, seconds: int, tag: str) -> dict[str, float]:
         return rest_load.run_wrk(
             http_port=side.http_port, connections=connections, seconds=seconds,
-            threads=args.cpus, tag=tag, **common,
+            threads=args.cpus, tag=tag, partner=side.partner, customers=args.customers,
         )  # fmt: skip
 
     def grpc(side: Side, connections: int, seconds: int, tag: str) -> dict[str, float]:
         return grpc_load.run_h2load(
             port=side.grpc_port, connections=connections, seconds=seconds, workdir=folder,
-            tag=tag, **common,
+            tag=tag, partner=side.partner, customers=args.customers,
         )  # fmt: skip
 
     def side_tag(side: Side, tag: str) -> str:
-        # Same length on both sides (same body sizes); distinct file names and statuses.
-        return tag if side.name == "real" else tag[:-1] + tag[-1].upper()
+        # Same length on every side (same body sizes); distinct file names and statuses.
+        return {"real": tag, "ceiling": tag[:-1] + tag[-1].upper()}.get(side.name, tag[:-1] + "s")
 
     paths = {"rest_via_envoy_wrk": rest, "grpc_direct_h2load": grpc}
     progress("load: warm-up, 2 s per path and side (discarded)")
@@ -150,7 +156,7 @@ def load_suite(args: Any, workdir: Path, stack: ExitStack) -> dict[str, Any]:
         side.name: {name: {} for name in paths} for side in sides
     }
     for rep in range(args.repeats):
-        order = sides if rep % 2 == 0 else sides[::-1]
+        order = sides[rep % len(sides) :] + sides[: rep % len(sides)]  # a new first every repeat
         for connections in args.connections:
             for name, run in paths.items():
                 for side in order:
@@ -161,7 +167,7 @@ def load_suite(args: Any, workdir: Path, stack: ExitStack) -> dict[str, Any]:
                     )
                     if name.startswith("grpc"):
                         result["sample_call"] = grpc_load.sample_update(
-                            side.grpc_port, partner, f"s{tag}"
+                            side.grpc_port, side.partner, f"s{tag}"
                         )
                     results[side.name][name].setdefault(connections, []).append(result)
                     changes = (
@@ -189,7 +195,32 @@ def load_suite(args: Any, workdir: Path, stack: ExitStack) -> dict[str, Any]:
         }
         for name in paths
     }
+    stages = {
+        name: {
+            conn: {
+                "transport_us": summaries["ceiling"][name][conn]["server_cpu_us_per_request"],
+                "service_us": round(
+                    summaries["before_storage"][name][conn]["server_cpu_us_per_request"]
+                    - summaries["ceiling"][name][conn]["server_cpu_us_per_request"], 1
+                ),
+                "write_us": round(
+                    summaries["real"][name][conn]["server_cpu_us_per_request"]
+                    - summaries["before_storage"][name][conn]["server_cpu_us_per_request"], 1
+                ),
+            }
+            for conn in summaries["real"][name]
+        }
+        for name in paths
+    }  # fmt: skip
     return {
+        "stages": {
+            "what": "server CPU µs per request, medians: the ceiling's (the transport: grpc.aio, "
+            "HTTP/2, protobuf), what the server that stops before storage adds (the interceptor "
+            "and its gates, context, servicer, validation, log and metrics), what the group "
+            "commit and the write add (tests/bench/stage_server.py)",
+            **stages,
+        },
+        "before_storage": summaries["before_storage"],
         "setup_ingestion": setup,
         "server_rss_mb_after_ingestion": round(idle_rss or 0.0, 1),
         "real": summaries["real"],

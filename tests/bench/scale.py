@@ -112,7 +112,8 @@ def scale_suite(args: Any, workdir: Path, stack: ExitStack) -> dict[str, Any]:
         progress(f"scale {name}: {customers} customers seeded in {seeding[name]} s")
         sides[name] = (
             Side(name, topology.envoy.http_port, topology.grpc_port, topology.servers,
-                 topology.envoy.admin_port, topology.history_rows, "disposition-server"),
+                 topology.envoy.admin_port, topology.history_rows, "disposition-server",
+                 topology.partner),
             topology,
         )  # fmt: skip
 

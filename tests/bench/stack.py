@@ -107,6 +107,8 @@ def _serving(
 SERVER = (str(BIN / "disposition-server"),)
 # The server without the summary's counters (tests/bench/no_counters_server.py): what they cost.
 NO_COUNTERS_SERVER = (sys.executable, "-m", "tests.bench.no_counters_server")
+# The server that answers an update once validated, before storage: the per-stage table.
+STAGE_SERVER = (sys.executable, "-m", "tests.bench.stage_server")
 
 
 @contextmanager
