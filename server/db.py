@@ -88,6 +88,7 @@ class Database:
                 pool_size=settings.database_pool_size,
                 max_overflow=0,
                 isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
                 connect_args=connect_args,
             )
             self.sqlite_writer = None

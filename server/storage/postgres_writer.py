@@ -305,22 +305,29 @@ def write_statement(plan: Plan) -> tuple[str, list[Any]]:
     position there (1-based), those of an existing one by its id.
     """
     new = sorted(plan.new_customers)
-    position = {(n.tenant_id, n.sub_tenant_id, n.customer_id): i for i, n in enumerate(new, 1)}
+    positions = {(n.tenant_id, n.sub_tenant_id, n.customer_id): i for i, n in enumerate(new, 1)}
+
+    def position(row: units.Change | units.NewCall) -> int | None:
+        """A new customer's position in `new`; None for an existing one (named by its id)."""
+        if row.customer_pk is not None:
+            return None
+        return positions[row.tenant_id, row.sub_tenant_id, row.customer_id]
+
     changes = plan.changes
     values: dict[str, Any] = {"now": plan.now, "hour": units.hour_of(plan.now)}
     values["channel"] = FEED_CHANNEL
     updates = units.customer_updates(plan)
     # Every status set, checked against its scope's catalog in force.
-    allowed = sorted({(c[0], c[1], c.new_status) for c in changes if c.new_status})
+    allowed = sorted({(c.tenant_id, c.sub_tenant_id, c.new_status) for c in changes
+                      if c.new_status})  # fmt: skip
     _put(values, "allowed", ("t", "s", "status"), allowed)
     _put(values, "count", ("t", "s", "status", "n"), units.status_deltas(plan))
     _put(values, "hour", ("t", "s", "status", "n"), units.hour_deltas(plan))
     _put(values, "cursor", ("t", "n"), units.tenant_counts(changes))
     _put(values, "change", ("t", "s", "pk", "new", "previous", "status", "source", "partner",
                             "request", "offset"), [
-        (c.tenant_id, c.sub_tenant_id, c.customer_pk,
-         None if c.customer_pk is not None else position[c[0], c[1], c.customer_id],
-         c.previous_status, c.new_status, c.source, c.partner_pk, c.request_id, offset)
+        (c.tenant_id, c.sub_tenant_id, c.customer_pk, position(c), c.previous_status,
+         c.new_status, c.source, c.partner_pk, c.request_id, offset)
         for c, offset in zip(changes, units.cursor_offsets(changes), strict=True)
     ])  # fmt: skip
     if _only_statuses(plan):
@@ -332,12 +339,10 @@ def write_statement(plan: Plan) -> tuple[str, list[Any]]:
     _put(values, "call", ("partner", "id", "pk", "new", "t", "s", "url", "start", "end",
                           "number", "agent", "agent_email", "agent_name", "callback", "metadata",
                           "fields", "request"), [
-        (c.partner_pk, c.call_id, c.customer_pk,
-         None if c.customer_pk is not None else position[c.tenant_id, c.sub_tenant_id,
-                                                           c.customer_id],
-         c.tenant_id, c.sub_tenant_id, c.recording_url, c.start_time, c.end_time,
-         c.contact_number, c.agent_id, c.agent_email, c.agent_name, c.callback_url,
-         bulk.db_json(c.metadata), bulk.db_json(c.custom_fields), c.request_id)
+        (c.partner_pk, c.call_id, c.customer_pk, position(c), c.tenant_id, c.sub_tenant_id,
+         c.recording_url, c.start_time, c.end_time, c.contact_number, c.agent_id,
+         c.agent_email, c.agent_name, c.callback_url, bulk.db_json(c.metadata),
+         bulk.db_json(c.custom_fields), c.request_id)
         for c in plan.calls
     ])  # fmt: skip
     key = plan.key
@@ -402,6 +407,12 @@ def snapshot_of(reads: Reads, rows: list[asyncpg.Record]) -> Snapshot:
     return Snapshot(customers, catalogs, existing_calls, key)
 
 
+async def _session_kept(_conn: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is: units leave no session state behind (no
+    cursor, lock, LISTEN or SET). asyncpg still rolls back an open transaction first; its default
+    reset would cost a round trip per unit."""
+
+
 class PostgresUnits:
     """storage.units.Units on PostgreSQL, on a pool of asyncpg connections of its own."""
 
@@ -422,7 +433,8 @@ class PostgresUnits:
 
     @property
     def concurrency(self) -> int:
-        # Leave connections for batch requests beside the group commits.
+        # One group commit in flight per process; the next gathers meanwhile, so that under
+        # load each statement carries many updates. Batch requests run units of their own.
         return 1
 
     async def pool(self) -> asyncpg.Pool:
@@ -437,8 +449,9 @@ class PostgresUnits:
                     # planned once per connection instead of at every execution.
                     settings["plan_cache_mode"] = "force_generic_plan"
                     self._pool = await asyncpg.create_pool(
-                        self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings
-                    )
+                        self.dsn, min_size=1, max_size=self.pool_size, server_settings=settings,
+                        reset=_session_kept,
+                    )  # fmt: skip
         return self._pool
 
     def pool_state(self) -> tuple[int, int] | None:

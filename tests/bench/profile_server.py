@@ -1,13 +1,15 @@
 """Where a server's time goes under update load: py-spy against the running process.
 
     .venv/bin/python -m tests.bench.profile_server [--seconds 15] [--connections 64] [--rest]
+        [--gil] [--native] [--postgres] [--noop] [--ingest N]
 
-Starts the single topology (fresh SQLite, one disposition-server, Envoy), ingests the bench
-customers, then samples the server with `py-spy record --format raw` (installed into the venv
-on first use) while h2load (gRPC direct) or wrk (`--rest`, through Envoy) drives updates
-(`--noop`: the ceiling's no-op server instead, for comparison). Prints
-the busiest functions by own samples and by inclusive samples, and where the raw folded stacks
-are (feed them to any flame graph renderer).
+Starts the single topology (fresh SQLite, one disposition-server, Envoy; `--postgres`: one
+server on PostgreSQL + Redis), ingests the bench customers, then samples the server with
+`py-spy record --format raw` (installed into the venv on first use) while h2load (gRPC direct)
+or wrk (`--rest`, through Envoy) drives updates (`--noop`: the ceiling's no-op server instead,
+for comparison). Prints the samples by stage (each stack counted once, in the innermost stage
+it reaches; with `--gil`, as µs of the GIL per request), the busiest functions by own and by
+inclusive samples, and where the raw folded stacks are (feed them to any flame graph renderer).
 """
 
 from __future__ import annotations
@@ -32,6 +34,49 @@ def _py_spy() -> str:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
         found = str(BIN / "py-spy")
     return found
+
+
+# Stages of a request, checked from the innermost frame outwards; the first that matches wins.
+STAGES = (
+    ("write: unit of work (engine, SQL, decide)", ("storage/", "_decide", "asyncpg", "sqlalchemy",
+                                                   "aiosqlite", "sqlite3")),
+    ("write: group commit queue", ("update_groups.py",)),
+    ("log + metrics", ("metrics.py", "prometheus_client", "_log_rpc", "logging/")),
+    ("gates: authentication, tenant, rate limit", ("access.py", "access_cache.py",
+                                                   "credentials.py", "ratelimit.py", "_admit",
+                                                   "redis/")),
+    ("request context: id, headers", ("_begin", "_headers", "_request_id", "context.py")),
+    ("use case: validation", ("dispositions.py", "validation.py")),
+    ("servicer: protobuf <-> domain", ("servicers.py",)),
+    ("interceptor: wrapper, error translation", ("interceptors.py",)),
+)  # fmt: skip
+TRANSPORT = "transport + event loop (grpc.aio, asyncio)"
+RATE = 250  # samples per second
+
+
+def stages(folded: Path, *, rate: float, requests: int) -> str:
+    """Samples per stage; µs per request assuming one sample is 1/rate seconds (--gil)."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        total += int(count_text)
+        counts[_stage(stack.split(";"))] += int(count_text)
+    lines = [f"-- by stage ({total} samples; µs/req if every sample held the GIL)"]
+    for name, count in counts.most_common():
+        us = 1e6 * count / rate / requests if requests else 0.0
+        lines.append(f"{100 * count / total:6.1f}%  {us:7.1f} µs/req  {name}")
+    return "\n".join(lines)
+
+
+def _stage(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, patterns in STAGES:
+            if any(pattern in frame for pattern in patterns):
+                return name
+    return TRANSPORT
 
 
 def summarize(folded: Path, top: int) -> str:
@@ -103,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             pid, grpc_port, http_port = ceiling.pids[0], ceiling.grpc_port, ceiling.envoy.http_port
         folded = workdir / "server.folded"
         record = [py_spy, "record", "-p", str(pid), "-d", str(args.seconds + 1),
-                  "-r", "250", "--format", "raw", "-o", str(folded)]  # fmt: skip
+                  "-r", str(RATE), "--format", "raw", "-o", str(folded)]  # fmt: skip
         if args.gil:
             record.append("--gil")
         # C and Cython frames need the process paused for each sample; else it runs on.
@@ -128,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.ingest:
         print(f"ingestion: {result['calls_per_s']} calls/s in {result['seconds']} s")
+        requests = int(result["customers"])
     else:
         print(f"load: {result['requests_per_s']} req/s, p99 {result['p99_ms']} ms, "
               f"errors {result['errors']}")  # fmt: skip
+        requests = int(result["requests"])
+    print(stages(folded, rate=RATE, requests=requests))
     print(summarize(folded, args.top))
     print(f"folded stacks: {folded}")
     return 0
