@@ -115,6 +115,19 @@ async def test_replicas_lease_requests_and_allow_exactly_the_limit_together(pref
 
 
 @requires_redis
+async def test_a_full_window_opens_again_when_the_limit_is_raised(prefix: str) -> None:
+    await fresh_window()
+    limits = limiter(prefix)
+    try:
+        assert [await limits.hit("p", 2) for _ in range(3)][2] is not None  # full at 2
+        assert await limits.hit("p", 2) is not None  # refused without asking Redis
+        assert [await limits.hit("p", 4) for _ in range(3)][:2] == [None, None]  # raised to 4
+        assert await limits.hit("p", 4) is not None
+    finally:
+        await limits.close()
+
+
+@requires_redis
 async def test_key_prefixes_isolate_counts(prefix: str) -> None:
     await fresh_window()
     first, second = limiter(prefix + "a:"), limiter(prefix + "b:")

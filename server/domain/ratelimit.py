@@ -79,7 +79,8 @@ _LEASED, _FAILED_OPEN = -1, -2  # _take's outcomes besides a wait in seconds
 class _Lease:
     """A partner's requests taken from the shared count of one window, not yet used here."""
 
-    __slots__ = ("first_hit", "full", "left", "taken", "used", "waiting", "window", "window_start")
+    __slots__ = ("first_hit", "full_at", "left", "taken", "used", "waiting", "window",
+                 "window_start")  # fmt: skip
 
     def __init__(self, window: int, window_start: float, first_hit: float) -> None:
         self.window = window
@@ -89,7 +90,7 @@ class _Lease:
         self.left = 0  # granted and not yet used
         self.used = 0  # requests allowed here in this window
         self.taken = 0  # the window's shared count at the last grant (every replica's)
-        self.full = False  # the shared count reached the limit: refuse until the window ends
+        self.full_at = 0  # the limit the window was found full at (0: not): refused up to it
 
 
 class RedisRateLimiter:
@@ -102,12 +103,12 @@ class RedisRateLimiter:
     the window's shared count at a time (one atomic script): about `lease_seconds` of this
     replica's traffic for the partner in the window so far, or as many as are waiting for it if
     more, and never more than a quarter of what is left under the limit (so near the limit
-    leases shrink to one request). The count in Redis is of
-    requests granted, never above the limit: all replicas together allow at most `limit`
-    requests per window, exactly as when every request was counted in Redis. What a replica
-    took and did not use by the end of the window is not allowed elsewhere in that window; the
-    lease sizes bound it. Once the count reaches the limit, the replica refuses the partner
-    without asking Redis until the window ends (a window's count never goes down).
+    leases shrink to one request). The count in Redis is of requests granted, never above the
+    limit: all replicas together allow at most `limit` requests per window, exactly as when
+    every request was counted in Redis. What a replica took and did not use by the end of the
+    window is not allowed elsewhere in that window; the lease sizes bound it. Once the count
+    reaches the limit, the replica refuses the partner without asking Redis until the window
+    ends (a window's count never goes down), unless the partner's limit is raised meanwhile.
 
     When Redis is unreachable or errs, the request is allowed, `on_fail_open` is called and a
     warning is logged at most once per `warn_interval`. After a failure Redis is left alone for
@@ -167,7 +168,7 @@ class RedisRateLimiter:
                 lease.left -= 1
                 lease.used += 1
                 return None
-            if lease.full:
+            if limit <= lease.full_at:
                 return max(1, math.ceil(lease.window_start + self.window_seconds - now))
             refill = self._refills.get(key)
             if refill is not None:  # another request of this partner is asking Redis: wait
@@ -215,7 +216,7 @@ class RedisRateLimiter:
         if int(granted) > 0:
             lease.left += int(granted)
             return _LEASED
-        lease.full = True
+        lease.full_at = limit
         return max(1, math.ceil(int(ttl_ms) / 1000))
 
     def _drop_old_leases(self, window: int) -> None:
