@@ -115,34 +115,36 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or _is_exempt(method):
-            return handler
-        wrapped = self._wrapped[method] = self._wrap(method, handler)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or _is_exempt(method):
+                return handler
+            wrapped = self._wrapped[method] = self._wrap(handler)
+        # The request's context, from the metadata grpc already converted for this call (the
+        # handler runs in this task: it reads the contextvar).
+        _begin(method, handler_call_details.invocation_metadata)
         return wrapped
 
-    def _wrap(self, method: str, handler: Handler) -> Handler:
+    def _wrap(self, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, cast(Behavior, handler.unary_unary)),
+                self._unary(cast(Behavior, handler.unary_unary)),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, cast(StreamBehavior, handler.unary_stream)),
+                self._stream(cast(StreamBehavior, handler.unary_stream)),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _unary(self, method: str, behavior: Behavior) -> Behavior:
+    def _unary(self, behavior: Behavior) -> Behavior:
         metrics = self.metrics
 
         async def wrapper(request: Any, rpc: Rpc) -> Any:
-            ctx = _begin(method, rpc)
+            ctx = context.get()
             try:
                 if isinstance(request, _Undecodable):
                     raise MalformedRequest()
@@ -159,11 +161,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+    def _stream(self, behavior: StreamBehavior) -> StreamBehavior:
         metrics = self.metrics
 
         async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
-            ctx = _begin(method, rpc)
+            ctx = context.get()
             try:
                 if isinstance(request, _Undecodable):
                     raise MalformedRequest()
@@ -228,9 +230,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             raise RateLimited(retry_after)
 
 
-def _begin(method: str, rpc: Rpc) -> RequestContext:
+def _begin(method: str, metadata: Any) -> RequestContext:
     """The RPC's context, from its metadata, as the request's contextvar."""
-    headers, conflicting = _headers(rpc.invocation_metadata())
+    headers, conflicting = _headers(metadata)
     ctx = RequestContext(_request_id(headers.get("x-request-id")), method, headers, conflicting)
     context.current.set(ctx)
     return ctx
@@ -276,7 +278,7 @@ async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics 
 def _log_rpc(
     ctx: RequestContext, outcome: str, code: grpc.StatusCode, metrics: Metrics | None
 ) -> None:
-    """One line and one metrics sample per RPC; the duration counts from the handler's start."""
+    """One line and one metrics sample per RPC; the duration counts from the interceptor."""
     seconds = time.perf_counter() - ctx.started
     if metrics is not None:
         metrics.observe_rpc(ctx.method, code.name, seconds)

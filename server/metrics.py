@@ -96,7 +96,7 @@ class _RpcStats(Collector):
         )
         seconds = HistogramMetricFamily(
             "disposition_grpc_request_duration_seconds",
-            "Time from the handler's start to the RPC's status, by method and code.",
+            "Time from the interceptor to the RPC's status, by method and code.",
             labels=["method", "code"],
         )
         for (method, code), series in list(self._series.items()):
