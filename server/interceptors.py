@@ -146,17 +146,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, rpc: Rpc) -> Any:
             ctx = context.get()
             try:
-                if isinstance(request, _Undecodable):
-                    raise MalformedRequest()
-                await self._admit(ctx)
+                await self._admit(ctx, request)
                 response = await behavior(request, rpc)
             except asyncio.CancelledError:
                 _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
                 raise
             except Exception as exc:
                 await _fail(ctx, rpc, exc, metrics)
-            _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
-            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+            _succeed(ctx, rpc, metrics)
             return response
 
         return wrapper
@@ -167,9 +164,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
             ctx = context.get()
             try:
-                if isinstance(request, _Undecodable):
-                    raise MalformedRequest()
-                await self._admit(ctx)
+                await self._admit(ctx, request)
                 # aclosing: the handler's stream ends (its finally blocks run) with this one.
                 async with contextlib.aclosing(behavior(request, rpc)) as responses:
                     async for response in responses:
@@ -181,14 +176,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as exc:
                 await _fail(ctx, rpc, exc, metrics)
-            _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
-            rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+            _succeed(ctx, rpc, metrics)
 
         return wrapper
 
-    async def _admit(self, ctx: RequestContext) -> None:
-        """The gates, in order; each raises what refuses the call. What the cache and the
-        limiter's lease hold is checked without suspending."""
+    async def _admit(self, ctx: RequestContext, request: Any) -> None:
+        """The request must be a message, then the gates, in order; each raises what refuses
+        the call. What the cache and the limiter's lease hold is checked without suspending."""
+        if isinstance(request, _Undecodable):
+            raise MalformedRequest()
         headers, cache = ctx.headers, self.cache
         # Authentication: `x-api-key` + `x-api-secret` (and `x-partner-id` when sent) must be a
         # live credential.
@@ -273,6 +269,11 @@ async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics 
             ("grpc-status-details-bin", error.to_status().SerializeToString()),
         ),
     )
+
+
+def _succeed(ctx: RequestContext, rpc: Rpc, metrics: Metrics | None) -> None:
+    _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
+    rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
 
 
 def _log_rpc(
