@@ -63,7 +63,7 @@ class FeedHub:
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
         self._listener = db.cursor_listener(self._announced, self._listening)
-        db.on_commit(self._read_now.set)
+        db.on_commit(self._committed_here)
 
     @property
     def watcher_count(self) -> int:
@@ -160,6 +160,12 @@ class FeedHub:
         if tenant_id in self._watchers:
             self._advance(tenant_id, cursor)
 
+    def _committed_here(self) -> None:
+        """A commit of this process: read the cursors now, unless commits are pushed (this one's
+        notification is on its way too)."""
+        if not self.pushed:
+            self._read_now.set()
+
     def _listening(self, listening: bool) -> None:
         if listening:  # notifications may have been lost while it was away: read the cursors
             self._read_now.set()
@@ -173,7 +179,7 @@ class FeedHub:
     async def _poll(self) -> None:
         failing = False
         while self._watchers and not self._closed:
-            # With commits pushed, a local commit needs no read, and reads are a safety net.
+            # With commits pushed, these reads are only a safety net.
             period = self.safety_poll_seconds if self.pushed else self.poll_seconds
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._read_now.wait(), period)
