@@ -87,11 +87,13 @@ class SqliteWriter:
         while (job := jobs.get()) is not None:
             work, future, loop = job
             try:
-                result = self._transaction(work)
+                outcome: tuple[Any, BaseException | None] = (self._transaction(work), None)
             except BaseException as exc:  # handed to the waiting coroutine, raised there
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                continue
         if self._conn is not None:
             self._conn.close()
             self._conn = None
