@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -253,14 +254,39 @@ def test_make_run_launcher_serves_the_printed_curl_and_stops_cleanly(tmp_path: P
             assert sock.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 both free (make run-cluster numbers its replicas' ports)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port + 1)) != 0 and port < 65535:
-                return port
-    raise AssertionError("no two consecutive free ports")
+def free_port_pairs(count: int) -> list[int]:
+    """`count` ports p, each with p and p + 1 free (make run-cluster numbers its replicas' ports).
+
+    Drawn below the kernel's ephemeral range, which the other ports of the run (free_port(),
+    outgoing connections) come from, and each one bound while the rest are drawn, so that no
+    two pairs overlap and nothing else takes p + 1 between the check and the server's bind.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    rng = random.Random()
+    held: list[socket.socket] = []
+    bases: list[int] = []
+    try:
+        for _ in range(200):
+            if len(bases) == count:
+                return bases
+            base = rng.randrange(10_000, ephemeral_low - 1)
+            pair = [socket.socket(), socket.socket()]
+            try:
+                for port, sock in zip((base, base + 1), pair, strict=True):
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                for sock in pair:
+                    sock.close()
+                continue
+            held += pair
+            bases.append(base)
+    finally:
+        for sock in held:
+            sock.close()
+    raise AssertionError(f"no {count} pairs of consecutive free ports")
 
 
 @pytest.mark.envoy
@@ -277,7 +303,7 @@ def test_make_run_cluster_serves_the_printed_lines_through_both_replicas(
         pytest.skip("TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379/0)")
     schema = f"{postgres.prefix}_launcher"
     postgres.created.append(schema)  # dropped with the run's other schemas
-    grpc_port, metrics_port = free_port_pair(), free_port_pair()
+    grpc_port, metrics_port = free_port_pairs(2)
     env = {
         "HTTP_PORT": str(free_port()),
         "GRPC_PORT": str(grpc_port),
