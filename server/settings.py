@@ -43,6 +43,9 @@ class Settings:
     # commits (this process's own commits wake watchers at once), and the heartbeat period.
     feed_poll_seconds: float = 0.05
     feed_heartbeat_seconds: float = 15.0
+    # Group commit under load: when a group commits with GROUP_COMMIT_SIBLINGS or more updates
+    # already queued, the next group waits this long for more (domain/update_groups.py).
+    group_commit_linger_seconds: float = 0.002
     # Credentials and grants cached in memory for this long (0: read on every request), trusted
     # only while the access version is polled every access_poll_seconds (domain/access_cache.py).
     access_cache_seconds: float = 60.0
@@ -72,6 +75,8 @@ class Settings:
             environment=env.get("DISPOSITION_ENV", "development"),
             feed_poll_seconds=_float(env, "FEED_POLL_SECONDS", 0.05, minimum=0.001),
             feed_heartbeat_seconds=_float(env, "FEED_HEARTBEAT_SECONDS", 15.0, minimum=0.01),
+            group_commit_linger_seconds=_float(env, "GROUP_COMMIT_LINGER_MS", 2.0, minimum=0.0)
+            / 1000,
             access_cache_seconds=_float(env, "ACCESS_CACHE_SECONDS", 60.0, minimum=0.0),
             access_poll_seconds=_float(env, "ACCESS_POLL_SECONDS", 0.05, minimum=0.001),
             redis_url=env.get("REDIS_URL") or None,

@@ -134,9 +134,14 @@ def test_settings_from_env_and_refusals() -> None:
         {"SQLITE_SYNCHRONOUS": "OFF"},
         {"DATABASE_URL": "mysql://x"},
         {"DISPOSITION_ENV": "production", "SQLITE_SYNCHRONOUS": "NORMAL"},
+        {"GROUP_COMMIT_LINGER_MS": "abc"},
+        {"GROUP_COMMIT_LINGER_MS": "-1"},
+        {"GROUP_COMMIT_LINGER_MS": "nan"},
     ):
         with pytest.raises(SettingsError):
             Settings.from_env(env)
+    assert Settings.from_env({}).group_commit_linger_seconds == 0.002
+    assert Settings.from_env({"GROUP_COMMIT_LINGER_MS": "0"}).group_commit_linger_seconds == 0
 
 
 def test_errors_declare_codes_and_details() -> None:

@@ -7,6 +7,14 @@ one write of every change, one commit, and only then is each update answered. Up
 own); while they run, the next group gathers. A customer is never in two groups at once, so a
 process applies the updates of one customer in the order they arrived.
 
+Under load the next group also lingers: when a group commits with SIBLINGS or more updates
+already queued (proof that requests arrive faster than units commit), the next one starts
+GROUP_COMMIT_LINGER_MS later (2 ms by default) or as soon as MAX_GROUP are queued, so that it
+carries more updates for the same round trips and commit: less CPU per update, which a busy
+process turns into more updates per second and shorter queues (like PostgreSQL's commit_delay
+with commit_siblings). An update that finds nothing in flight starts a group at once, so a
+lightly loaded server adds no wait.
+
 Durability is unchanged: nobody is answered before the commit that holds their change. An
 update that is wrong on its own (unknown customer, status outside the catalog) fails alone and
 the rest of its group applies; when the unit itself fails, every update in the group gets that
@@ -28,6 +36,8 @@ from server.storage.units import Change, Plan, Reads, Scope, Snapshot
 
 # At most this many updates per unit.
 MAX_GROUP = 500
+# Queued updates at a commit from which the next group lingers.
+SIBLINGS = 2
 
 Outcome = bool | Exception  # True: changed, False: unchanged, else what failed the update alone
 
@@ -68,6 +78,8 @@ class UpdateGroups:
         self._busy: set[tuple[Scope, str]] = set()  # customers of the groups in flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting = False  # a _start_groups is scheduled
+        self._linger = db.settings.group_commit_linger_seconds
+        self._lingering: asyncio.TimerHandle | None = None  # the next group's delayed start
         self.groups_run = 0  # units run, and the updates they carried (metrics)
         self.updates_run = 0
         # Test hook: called with each group before it is applied.
@@ -86,6 +98,10 @@ class UpdateGroups:
             # After what is ready to run now: requests on their way here join this group.
             self._starting = True
             self.loop.call_soon(self._start_groups)
+        elif self._lingering is not None and len(self._queue) >= MAX_GROUP:
+            self._lingering.cancel()  # a full group is waiting: no reason to wait for more
+            self._lingering = None
+            self.loop.call_soon(self._start_groups)
         return await update.done
 
     def update(
@@ -103,6 +119,7 @@ class UpdateGroups:
 
     def _start_groups(self) -> None:
         self._starting = False
+        self._lingering = None
         while self._queue and self._in_flight < self.db.units.concurrency:
             group: list[PendingUpdate] = []
             waiting: list[PendingUpdate] = []
@@ -151,7 +168,10 @@ class UpdateGroups:
             self._in_flight -= 1
             if self._queue and not self._starting:
                 self._starting = True
-                self.loop.call_soon(self._start_groups)
+                if self._linger and len(self._queue) >= SIBLINGS:
+                    self._lingering = self.loop.call_later(self._linger, self._start_groups)
+                else:
+                    self.loop.call_soon(self._start_groups)
 
 
 _GROUPS: weakref.WeakKeyDictionary[Database, UpdateGroups] = weakref.WeakKeyDictionary()
