@@ -51,11 +51,15 @@ $(GEN)/.generated: $(PROTOS) $(DEPS)/.copied
 	  --descriptor_set_out=$(DESCRIPTOR) $(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
 	touch $@
 
-$(BUILD)/openapi.json: $(GEN)/.generated gateway/openapi.py
+$(BUILD)/openapi.json: $(GEN)/.generated gateway/openapi.py server/errors.py
 	$(PY) -m gateway.openapi --descriptor $(DESCRIPTOR) --out $@
 
+# Envoy's Lua filter with the error vocabulary of server/errors.py rendered in.
+$(BUILD)/envelope.lua: $(STAMP) gateway/envelope.lua gateway/vocabulary.py server/errors.py
+	$(PY) -m gateway.vocabulary --out $@
+
 .PHONY: gen
-gen: $(GEN)/.generated $(BUILD)/openapi.json ## Generate Python code, Envoy's descriptor set and build/openapi.json from proto/
+gen: $(GEN)/.generated $(BUILD)/openapi.json $(BUILD)/envelope.lua ## Generate code, Envoy's descriptor set, build/openapi.json and the Lua filter
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0

@@ -18,18 +18,30 @@ local CONTENT_TYPE = "application/json"
 
 local GRPC_HEADERS = { "grpc-status", "grpc-message", "grpc-status-details-bin", "grpc-accept-encoding" }
 
--- gRPC status code -> HTTP status (google.rpc.Code documentation).
+-- The error vocabulary (server/errors.py), rendered between these lines by `make gen`
+-- (gateway/vocabulary.py) into build/envelope.lua, which is what Envoy runs.
+-- @vocabulary-begin
+local HTTP_STATUS_FOR_REASON = {} -- ErrorInfo reason -> HTTP status
+local MESSAGE_FOR_STATUS = {} -- HTTP status -> the envelope's message when a reply has none
+local INVALID_JSON_BODY = nil -- the transcoder could not read the body
+local VALIDATION_FAILED = nil -- a field of the wrong type
+-- @vocabulary-end
+
+-- A gRPC status without our ErrorInfo (grpc's own: a cancelled call, its concurrent-call
+-- limit, an unknown method, a deadline) -> HTTP status, after google.rpc.Code's documentation.
 local HTTP_STATUS_FOR_CODE = {
   -- CANCELLED: a REST client that went away sees no reply at all, so one that gets a reply
   -- was cancelled by the server (shutting down): unavailable, retry (google.rpc says 499).
   [1] = 503, -- CANCELLED
   [2] = 500, -- UNKNOWN
-  [3] = 400, -- INVALID_ARGUMENT (422 when it carries a BadRequest)
+  [3] = 400, -- INVALID_ARGUMENT
   [4] = 504, -- DEADLINE_EXCEEDED
   [5] = 404, -- NOT_FOUND
   [6] = 409, -- ALREADY_EXISTS
   [7] = 403, -- PERMISSION_DENIED
-  [8] = 429, -- RESOURCE_EXHAUSTED
+  -- RESOURCE_EXHAUSTED without our RATE_LIMIT_EXCEEDED: not the partner's rate limit but the
+  -- server's limit of concurrent calls (grpc's "Concurrent RPC limit exceeded!"). Overload.
+  [8] = 503, -- RESOURCE_EXHAUSTED
   [9] = 400, -- FAILED_PRECONDITION
   [10] = 409, -- ABORTED
   [11] = 400, -- OUT_OF_RANGE
@@ -40,26 +52,10 @@ local HTTP_STATUS_FOR_CODE = {
   [16] = 401, -- UNAUTHENTICATED
 }
 
--- Envelope message for replies that carry no message of their own (Envoy's local replies).
-local MESSAGE_FOR_STATUS = {
-  [400] = "Bad request",
-  [401] = "Unauthorized",
-  [403] = "Forbidden",
-  [404] = "Not found",
-  [405] = "Method not allowed",
-  [408] = "Request timeout",
-  [409] = "Conflict",
-  [413] = "Payload too large",
-  [422] = "Validation failed",
-  [429] = "Too many requests",
-  [431] = "Request header fields too large",
-  [499] = "Client closed request",
-  [500] = "Internal server error",
-  [501] = "Not implemented",
-  [502] = "Service unavailable",
-  [503] = "Service unavailable",
-  [504] = "Gateway timeout",
-}
+-- A reply's envelope message when it carries none of its own.
+local function message_for(status)
+  return MESSAGE_FOR_STATUS[status] or (status >= 500 and MESSAGE_FOR_STATUS[500] or MESSAGE_FOR_STATUS[400])
+end
 
 -- What a JSON value of the wrong type should have been, by the transcoder's type name.
 local EXPECTED_FOR_TYPE = {
@@ -234,18 +230,18 @@ local function type_name(detail)
 end
 
 -- A gRPC status (code, raw message, decoded details) -> HTTP status, body, extra headers.
+-- Our errors carry an ErrorInfo whose reason gives the HTTP status; any other status is
+-- grpc's own and goes by its code.
 local function from_grpc_status(code, message, details)
-  local status = HTTP_STATUS_FOR_CODE[code] or 500
-  if message == nil or message == "" then
-    message = MESSAGE_FOR_STATUS[status] or "Internal server error"
-    message = string.sub(json_string(message), 2, -2)
-  end
+  local status = nil
   local errors = nil
   local headers = {}
   for _, detail in ipairs(details or {}) do
     if type(detail) == "table" then
       local name = type_name(detail)
-      if name == "google.rpc.BadRequest" and code == 3 then
+      if name == "google.rpc.ErrorInfo" then
+        status = HTTP_STATUS_FOR_REASON[raw_of(detail.reason) or ""]
+      elseif name == "google.rpc.BadRequest" then
         local violations = detail.field_violations or detail.fieldViolations or {}
         if #violations > 0 then
           errors = {}
@@ -255,7 +251,6 @@ local function from_grpc_status(code, message, details)
               message = '"' .. (raw_of(v.description) or "") .. '"',
             }
           end
-          status = 422
         end
       elseif name == "google.rpc.RetryInfo" then
         local seconds = retry_after_seconds(raw_of(detail.retry_delay or detail.retryDelay))
@@ -263,13 +258,15 @@ local function from_grpc_status(code, message, details)
       end
     end
   end
-  if code == 8 and headers["retry-after"] == nil then
-    -- RESOURCE_EXHAUSTED without our RetryInfo: not the partner's rate limit but the server's
-    -- limit of concurrent calls (grpc's "Concurrent RPC limit exceeded!"). Overload: 503.
-    status = 503
+  if status == nil then
+    status = HTTP_STATUS_FOR_CODE[code] or 500
+    -- A cancelled call and grpc's concurrent-call limit carry grpc's own words: say it the
+    -- documented way.
+    if code == 1 or code == 8 then message = nil end
   end
-  -- CANCELLED and the concurrency limit carry grpc's own words; say it the documented way.
-  if code == 1 or (code == 8 and status == 503) then message = "Service unavailable" end
+  if message == nil or message == "" then
+    message = string.sub(json_string(message_for(status)), 2, -2)
+  end
   return status, envelope('"' .. message .. '"', errors), headers
 end
 
@@ -280,7 +277,7 @@ end
 
 local function validation_failed(field, message)
   local errors = { { field = json_string(field), message = json_string(message) } }
-  return 422, envelope('"Validation failed"', errors), {}
+  return 422, envelope(json_string(VALIDATION_FAILED), errors), {}
 end
 
 -- A transcoder request failure (400 text/plain) -> 422 for a wrongly typed field, else 400.
@@ -306,7 +303,7 @@ local function from_transcoder_failure(text)
     if expected == nil and string.find(type_, "^type%.googleapis%.com/") then expected = "an object" end
     return validation_failed(field, field .. " must be " .. (expected or "of a valid type"))
   end
-  return 400, envelope('"Invalid JSON body"'), {}
+  return 400, envelope(json_string(INVALID_JSON_BODY)), {}
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -380,8 +377,7 @@ function envoy_on_response(handle)
       status, new_body, extra = from_transcoder_failure(text)
     else
       status = http_status
-      local message = MESSAGE_FOR_STATUS[status] or (status >= 500 and "Internal server error" or "Bad request")
-      new_body, extra = envelope(json_string(message)), {}
+      new_body, extra = envelope(json_string(message_for(status))), {}
     end
     if status == 503 and extra["retry-after"] == nil then
       -- Overloaded, shutting down, or no replica to take it: every 503 says try again shortly.

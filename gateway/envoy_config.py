@@ -20,7 +20,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "envoy.yaml"
-LUA_FILTER = Path(__file__).resolve().parent / "envelope.lua"
 
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 50051
@@ -57,8 +56,10 @@ def render(
         "proto_descriptor: build/disposition.pb": (
             f"proto_descriptor: {Path(descriptor_path).resolve()}"
         ),
-        "filename: gateway/envelope.lua": f"filename: {LUA_FILTER}",
-        # Written by `make gen` next to the descriptor set (gateway/openapi.py).
+        # Written by `make gen` next to the descriptor set (gateway/vocabulary.py, openapi.py).
+        "filename: build/envelope.lua": (
+            f"filename: {Path(descriptor_path).resolve().parent / 'envelope.lua'}"
+        ),
         "filename: build/openapi.json": (
             f"filename: {Path(descriptor_path).resolve().parent / 'openapi.json'}"
         ),

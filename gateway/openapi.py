@@ -8,8 +8,9 @@ what the transcoder does: every method with a google.api.http rule is one operat
 variables are path parameters, the other fields of a GET's request are query parameters, and
 bodies and replies are the request and response messages as the transcoder prints them
 (proto field names, 64-bit integers as strings, Timestamps as RFC 3339 strings). Descriptions
-are the protos' comments. The error responses are the documented envelopes, produced by
-gateway/envelope.lua for every REST reply that is not a success.
+are the protos' comments. The error responses are the documented envelopes, one per HTTP status
+of the error vocabulary (server/errors.py), the same classes that gateway/envelope.lua's status
+and message tables are rendered from.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 from gateway.envoy_config import DEFAULT_DESCRIPTOR
+from server import errors
 
 DEFAULT_OUT = DEFAULT_DESCRIPTOR.parent / "openapi.json"
 SERVICES = ("disposition.v1.DispositionService", "disposition.v1.CallIngestionService")
@@ -60,18 +62,32 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
     ".google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
 }
 
-# The documented envelopes (../shared/spec): every REST reply that is not a success.
-ERROR_RESPONSES: dict[str, tuple[str, str]] = {
-    "400": ("Bad request: invalid JSON, a missing tenant or sub-tenant header", "Error"),
-    "403": ("Forbidden: unknown or wrong credentials, or a tenant not granted", "Error"),
-    "404": ("Customer not found (or not in the caller's tenant and sub-tenant)", "Error"),
-    "413": ("Payload too large: the body exceeds 5 MB", "Error"),
-    "422": ("Validation failed: `errors` names each field and its problem", "ValidationError"),
-    "429": ("Rate limit exceeded (`Retry-After` gives the seconds to wait)", "Error"),
-    "500": ("Internal server error", "Error"),
-    "503": ("Service unavailable: no server can take the request now; retry later", "Error"),
-    "504": ("Gateway timeout: the request may or may not have been applied", "Error"),
-}
+# Replies of these statuses say how long to wait (whole seconds).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def error_responses() -> dict[str, dict[str, Any]]:
+    """The documented envelopes of every REST reply that is not a success, one per HTTP status,
+    derived from the error vocabulary (server/errors.py): each lists the messages of its
+    status's errors and what causes each."""
+    by_status: dict[int, list[type[errors.ServiceError]]] = {}
+    for cls in errors.service_errors():
+        by_status.setdefault(cls.http_status, []).append(cls)
+    responses: dict[str, dict[str, Any]] = {}
+    for status, classes in sorted(by_status.items()):
+        causes = "\n".join(
+            f"- `{cls.default_message}` ({cls.reason}): {' '.join((cls.__doc__ or '').split())}"
+            for cls in classes
+        )
+        headers = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}
+        schema = "ValidationError" if status == errors.ValidationFailed.http_status else "Error"
+        responses[str(status)] = {
+            "description": f"{classes[0].default_message}. The envelope's message is one of:\n"
+            + causes,
+            **({"headers": headers} if status in RETRY_AFTER_STATUSES else {}),
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    return responses
 
 
 class _Descriptors:
@@ -207,7 +223,9 @@ class _Builder:
                 },
                 **{
                     status: {"$ref": f"#/components/responses/{status}"}
-                    for status in ERROR_RESPONSES
+                    for status in error_responses()
+                    # A 405 answers a method the path does not have, never this operation.
+                    if status != str(errors.MethodNotAllowed.http_status)
                 },
             },
         }
@@ -298,20 +316,7 @@ def build(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
                     },
                 },
             },
-            "responses": {
-                status: {
-                    "description": description,
-                    **(
-                        {"headers": {"Retry-After": {"schema": {"type": "integer"}}}}
-                        if status == "429"
-                        else {}
-                    ),
-                    "content": {
-                        "application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}
-                    },
-                }
-                for status, (description, ref) in ERROR_RESPONSES.items()
-            },
+            "responses": error_responses(),
         },
     }
 

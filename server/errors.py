@@ -1,15 +1,22 @@
-"""The one error hierarchy of the service.
+"""The service's one error vocabulary: every error a client can see, declared once.
 
-Each class declares its gRPC code (as a `google.rpc.Code`, so that the domain
-never imports grpc), the HTTP status the gateway gives it, its documented
-message and the google.rpc details it carries. Handlers only raise; the
-request interceptor turns these into statuses.
+Each class declares its gRPC code (as a `google.rpc.Code`, so that the domain never imports
+grpc), the HTTP status REST clients get, its documented message, the `reason` of the ErrorInfo
+it carries, and its other google.rpc details. Handlers only raise; the request interceptor turns
+these into statuses. A few classes are answered by Envoy itself (`origin = "gateway"`: an
+unknown path, a body over 5 MB, ...): no server raises them, but they are part of what clients
+get, in the same envelope.
+
+The lookup tables are derived from the classes, never written again (the model is
+python-api-core's exceptions.py): `vocabulary()` is the whole table, from which `make gen`
+renders the gateway's Lua tables (each reason's HTTP status, each status's envelope message;
+gateway/vocabulary.py) and the OpenAPI document's error responses (gateway/openapi.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -22,6 +29,8 @@ MAX_VIOLATION_BYTES = 4096  # the encoded field violations, the final "more prob
 MAX_FIELD_BYTES = 512  # a field path is cut to this many UTF-8 bytes (never reached by real paths)
 MAX_DESCRIPTION_BYTES = 1024  # a message likewise (a catalog's "must be one of" is up to ~600)
 
+Origin = Literal["server", "gateway"]  # who answers an error: the server, or Envoy itself
+
 
 class ServiceError(Exception):
     """Base of every error a client may see; unexpected errors become this (500)."""
@@ -30,6 +39,10 @@ class ServiceError(Exception):
     http_status: ClassVar[int] = 500
     default_message: ClassVar[str] = "Internal server error"
     reason: ClassVar[str] = "INTERNAL"
+    # Who answers it: the server (raised here), or Envoy (never raised; described only).
+    origin: ClassVar[Origin] = "server"
+    # google.rpc detail types beside the ErrorInfo every error carries (for the description).
+    detail_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or self.default_message
@@ -92,6 +105,15 @@ class MalformedRequest(BadRequest):
     reason = "MALFORMED_REQUEST"
 
 
+class InvalidJsonBody(BadRequest):
+    """The body is not JSON, or not shaped like the request (400, from Envoy's transcoder;
+    a value of the wrong type for its field is a 422 that names the field)."""
+
+    default_message = "Invalid JSON body"
+    reason = "INVALID_JSON_BODY"
+    origin = "gateway"
+
+
 class InvalidIdempotencyKey(BadRequest):
     """`Idempotency-Key` is empty, too long or not printable ASCII (400)."""
 
@@ -115,6 +137,7 @@ class ValidationFailed(ServiceError):
     http_status = 422
     default_message = "Validation failed"
     reason = "VALIDATION_FAILED"
+    detail_types = ("google.rpc.BadRequest",)
 
     def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
         super().__init__()
@@ -159,13 +182,23 @@ class IdempotencyKeyReused(ValidationFailed):
         )
 
 
-class CustomerNotFound(ServiceError):
-    """No customer with this id in the caller's tenant and sub-tenant (404)."""
+class NotFound(ServiceError):
+    """No such path (404, from Envoy's routes)."""
 
     code = code_pb2.NOT_FOUND
     http_status = 404
+    default_message = "Not found"
+    reason = "NOT_FOUND"
+    origin: ClassVar[Origin] = "gateway"  # CustomerNotFound, raised by the server, is one too
+
+
+class CustomerNotFound(NotFound):
+    """No customer with this id in the caller's tenant and sub-tenant (404)."""
+
     default_message = "Customer not found"
     reason = "CUSTOMER_NOT_FOUND"
+    origin = "server"
+    detail_types = ("google.rpc.ResourceInfo",)
 
     def __init__(self, customer_id: str) -> None:
         super().__init__()
@@ -185,6 +218,7 @@ class RateLimited(ServiceError):
     http_status = 429
     default_message = "Rate limit exceeded. Try again in 60 seconds."
     reason = "RATE_LIMIT_EXCEEDED"
+    detail_types = ("google.rpc.RetryInfo",)
 
     def __init__(self, retry_after_seconds: int) -> None:
         super().__init__()
@@ -204,6 +238,119 @@ class ServiceUnavailable(ServiceError):
     http_status = 503
     default_message = "Service unavailable"
     reason = "UNAVAILABLE"
+
+
+class MethodNotAllowed(ServiceError):
+    """The path exists but not with this method (405, from Envoy's routes, with `Allow`)."""
+
+    code = code_pb2.UNIMPLEMENTED
+    http_status = 405
+    default_message = "Method not allowed"
+    reason = "METHOD_NOT_ALLOWED"
+    origin = "gateway"
+
+
+class RequestTimeout(ServiceError):
+    """The request did not arrive in time: headers within 10 s, the whole of it within 60 s
+    (408, from Envoy)."""
+
+    code = code_pb2.DEADLINE_EXCEEDED
+    http_status = 408
+    default_message = "Request timeout"
+    reason = "REQUEST_TIMEOUT"
+    origin = "gateway"
+
+
+class PayloadTooLarge(ServiceError):
+    """The body is over 5 MB (413, from Envoy)."""
+
+    code = code_pb2.RESOURCE_EXHAUSTED
+    http_status = 413
+    default_message = "Payload too large"
+    reason = "PAYLOAD_TOO_LARGE"
+    origin = "gateway"
+
+
+class HeadersTooLarge(ServiceError):
+    """The request headers are over 60 KB (431, from Envoy)."""
+
+    code = code_pb2.RESOURCE_EXHAUSTED
+    http_status = 431
+    default_message = "Request header fields too large"
+    reason = "HEADERS_TOO_LARGE"
+    origin = "gateway"
+
+
+class NotImplementedByServer(ServiceError):
+    """The server does not have this method yet, e.g. during a rolling deploy (501)."""
+
+    code = code_pb2.UNIMPLEMENTED
+    http_status = 501
+    default_message = "Not implemented"
+    reason = "NOT_IMPLEMENTED"
+    origin = "gateway"
+
+
+class BadGateway(ServiceError):
+    """The server's reply could not be read (502, from Envoy); retry."""
+
+    code = code_pb2.UNAVAILABLE
+    http_status = 502
+    default_message = "Service unavailable"
+    reason = "BAD_GATEWAY"
+    origin = "gateway"
+
+
+class GatewayTimeout(ServiceError):
+    """No reply within the route's timeout (504, from Envoy): the request may or may not have
+    been applied; retry with the same Idempotency-Key or call ids."""
+
+    code = code_pb2.DEADLINE_EXCEEDED
+    http_status = 504
+    default_message = "Gateway timeout"
+    reason = "GATEWAY_TIMEOUT"
+    origin = "gateway"
+
+
+def service_errors() -> Iterator[type[ServiceError]]:
+    """ServiceError and every subclass: each parent before its children, in declaration order."""
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        cls = pending.pop(0)
+        yield cls
+        pending[0:0] = cls.__subclasses__()
+
+
+def http_status_by_reason() -> dict[str, int]:
+    """ErrorInfo reason -> HTTP status, for every error the server raises."""
+    return {cls.reason: cls.http_status for cls in service_errors() if cls.origin == "server"}
+
+
+def message_by_http_status() -> dict[int, str]:
+    """Each HTTP status's envelope message for a reply that carries none of its own: the
+    message of the most general class with that status (BadRequest's for 400, NotFound's for
+    404, ServiceError's for 500)."""
+    found: dict[int, str] = {}
+    for cls in service_errors():
+        found.setdefault(cls.http_status, cls.default_message)
+    return dict(sorted(found.items()))
+
+
+def vocabulary() -> list[dict[str, Any]]:
+    """Every error a client can get, as plain data (what `make gen` renders outward)."""
+    return [
+        {
+            "name": cls.__name__,
+            "reason": cls.reason,
+            "origin": cls.origin,
+            "grpc_code": code_pb2.Code.Name(cls.code),
+            "http_status": cls.http_status,
+            "message": cls.default_message,
+            "details": ["google.rpc.ErrorInfo", *cls.detail_types],
+            "summary": " ".join((cls.__doc__ or "").split()),
+        }
+        for cls in service_errors()
+    ]
 
 
 def _violation(field: str, description: str) -> error_details_pb2.BadRequest.FieldViolation:

@@ -27,6 +27,7 @@ from disposition.v1 import (
     disposition_service_pb2_grpc,
 )
 from gateway.envoy_process import EnvoyPorts, run_envoy
+from server import errors
 from tests.http_helpers import Reply, assert_rest_reply, call
 
 DISPOSITION_PATH = "/api/v1/partner/ingest/disposition-status"
@@ -115,12 +116,12 @@ FAILURES: dict[str, tuple[grpc.StatusCode, str, list[any_pb2.Any]]] = {
     "rate-limited": (
         Code.RESOURCE_EXHAUSTED,
         "Rate limit exceeded. Try again in 60 seconds.",
-        [_packed(_error_info("RATE_LIMITED")), _packed(_retry_info(36, 200_000_000))],
+        [_packed(_error_info("RATE_LIMIT_EXCEEDED")), _packed(_retry_info(36, 200_000_000))],
     ),
     "rate-limited-whole": (
         Code.RESOURCE_EXHAUSTED,
         "Rate limit exceeded. Try again in 60 seconds.",
-        [_packed(_retry_info(60))],
+        [_packed(_error_info("RATE_LIMIT_EXCEEDED")), _packed(_retry_info(60))],
     ),
     "crash": (Code.INTERNAL, "Internal server error", []),
     "draining": (Code.UNAVAILABLE, "Server is shutting down", []),
@@ -135,6 +136,25 @@ FAILURES: dict[str, tuple[grpc.StatusCode, str, list[any_pb2.Any]]] = {
         [any_pb2.Any(type_url="type.googleapis.com/example.Unknown", value=b"\x08\x01")],
     ),
 }
+
+
+# One instance of every error class the server raises, as the server would raise it.
+VOCABULARY_EXAMPLES: dict[str, errors.ServiceError] = {
+    "ServiceError": errors.ServiceError(),
+    "Forbidden": errors.Forbidden(),
+    "BadRequest": errors.BadRequest(),
+    "TenantIdRequired": errors.TenantIdRequired(),
+    "SubTenantIdRequired": errors.SubTenantIdRequired(),
+    "RepeatedHeader": errors.RepeatedHeader("x-tenant-id"),
+    "MalformedRequest": errors.MalformedRequest(),
+    "InvalidIdempotencyKey": errors.InvalidIdempotencyKey(),
+    "ValidationFailed": errors.ValidationFailed([("customer_id", "customer_id is wrong")]),
+    "IdempotencyKeyReused": errors.IdempotencyKeyReused(),
+    "CustomerNotFound": errors.CustomerNotFound("c-1"),
+    "RateLimited": errors.RateLimited(12),
+    "ServiceUnavailable": errors.ServiceUnavailable(),
+}
+_GRPC_CODES = {code.value[0]: code for code in Code}
 
 
 async def _abort(
@@ -174,6 +194,10 @@ class DispositionServicer(disposition_service_pb2_grpc.DispositionServiceService
             customer_id = "unknown-customer"
         if customer_id in FAILURES:
             await _abort(context, *FAILURES[customer_id])
+        if customer_id.startswith("vocabulary:"):
+            raised = VOCABULARY_EXAMPLES[customer_id.removeprefix("vocabulary:")]
+            status = raised.to_status()
+            await _abort(context, _GRPC_CODES[status.code], status.message, list(status.details))
         return disposition_service_pb2.UpdateDispositionStatusResponse(
             success=customer_id != "unchanged"
         )
@@ -332,6 +356,28 @@ def test_grpc_status_becomes_the_documented_envelope(
     assert_rest_reply(reply, status, body)
     # Only a 503 says when to come back (1 s: another replica, or this one restarted).
     assert reply.header("retry-after") == ("1" if status == 503 else None)
+
+
+def test_every_error_the_server_raises_has_an_example() -> None:
+    raised = {cls.__name__ for cls in errors.service_errors() if cls.origin == "server"}
+    assert raised == set(VOCABULARY_EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(VOCABULARY_EXAMPLES))
+def test_each_error_class_gets_its_declared_http_status_and_message(
+    envoy: EnvoyPorts, name: str
+) -> None:
+    """The gateway's status for each error class is the one the class declares (the Lua filter's
+    table is rendered from the classes: nothing can drift), with the class's message."""
+    raised = VOCABULARY_EXAMPLES[name]
+    reply = update(envoy.http_port, f"vocabulary:{name}")
+    assert reply.status == raised.http_status, reply.body
+    body = json.loads(reply.body)
+    assert (body["success"], body["message"]) == (False, raised.message)
+    if isinstance(raised, errors.ValidationFailed):
+        assert body["errors"] == [
+            {"field": field, "message": message} for field, message in raised.violations
+        ]
 
 
 @pytest.mark.parametrize(
