@@ -43,7 +43,7 @@ class Settings:
     # commits (this process's own commits wake watchers at once), and the heartbeat period.
     feed_poll_seconds: float = 0.05
     feed_heartbeat_seconds: float = 15.0
-    # Group commit under load: when a group commits with GROUP_COMMIT_SIBLINGS or more updates
+    # Group commit under load: when a group commits with update_groups.SIBLINGS (2) or more updates
     # already queued, the next group waits this long for more (domain/update_groups.py).
     group_commit_linger_seconds: float = 0.002
     # Credentials and grants cached in memory for this long (0: read on every request), trusted
@@ -92,6 +92,8 @@ class Settings:
 
     def check(self) -> None:
         """Refuse values that would make the service unsafe or unusable."""
+        if self.group_commit_linger_seconds > 1.0:  # every update under load would wait that long
+            raise SettingsError("GROUP_COMMIT_LINGER_MS must be at most 1000")
         if self.sqlite_synchronous not in {"FULL", "EXTRA", "NORMAL"}:
             raise SettingsError(
                 "SQLITE_SYNCHRONOUS must be FULL, EXTRA or NORMAL "

@@ -137,6 +137,7 @@ def test_settings_from_env_and_refusals() -> None:
         {"GROUP_COMMIT_LINGER_MS": "abc"},
         {"GROUP_COMMIT_LINGER_MS": "-1"},
         {"GROUP_COMMIT_LINGER_MS": "nan"},
+        {"GROUP_COMMIT_LINGER_MS": "5000"},
     ):
         with pytest.raises(SettingsError):
             Settings.from_env(env)
