@@ -65,7 +65,7 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0
 
 .PHONY: run
-run: install ## Set up everything and serve: SQLite, demo partner, Envoy on $HTTP_PORT, gRPC on $GRPC_PORT
+run: install ## Set up everything and serve: SQLite, demo partner, Envoy on $HTTP_PORT (admin $ENVOY_ADMIN_PORT), gRPC on $GRPC_PORT
 	mkdir -p var
 	$(PY) -m gateway.stack
 

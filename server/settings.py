@@ -68,7 +68,7 @@ class Settings:
             grpc_port=_int(env, "GRPC_PORT", 50051, minimum=0),
             rate_limit_per_minute=_int(env, "RATE_LIMIT_PER_MINUTE", 120, minimum=1),
             sqlite_synchronous=env.get("SQLITE_SYNCHRONOUS", "FULL").upper(),
-            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", "10")),
+            shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0),
             shutdown_drain_seconds=_float(env, "SHUTDOWN_DRAIN_SECONDS", 0.0, minimum=0.0),
             max_concurrent_rpcs=_int(env, "MAX_CONCURRENT_RPCS", 1000, minimum=1),
             log_level=env.get("LOG_LEVEL", "INFO").upper(),

@@ -138,6 +138,9 @@ def test_settings_from_env_and_refusals() -> None:
         {"GROUP_COMMIT_LINGER_MS": "-1"},
         {"GROUP_COMMIT_LINGER_MS": "nan"},
         {"GROUP_COMMIT_LINGER_MS": "5000"},
+        {"SHUTDOWN_GRACE_SECONDS": "abc"},  # was a traceback; -5 and nan were accepted
+        {"SHUTDOWN_GRACE_SECONDS": "-5"},
+        {"SHUTDOWN_GRACE_SECONDS": "nan"},
     ):
         with pytest.raises(SettingsError):
             Settings.from_env(env)
