@@ -123,7 +123,7 @@ def _catalog_file(path: str) -> list[catalogs.Disposition]:
 
 
 def _catalog_tenant(value: str) -> str:
-    value = _text("--tenant")(value)
+    value = _text("--tenant-id")(value)
     if value == catalogs.TENANT_WIDE:
         raise argparse.ArgumentTypeError("a catalog belongs to one tenant; '*' is not a tenant")
     return value
@@ -255,11 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def catalog_args(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--tenant", required=True, type=_catalog_tenant)
+        # Spelled like `grant`'s; --tenant and --sub-tenant, the first spelling, still work.
         sub.add_argument(
+            "--tenant-id",
+            "--tenant",
+            dest="tenant",
+            metavar="TENANT_ID",
+            required=True,
+            type=_catalog_tenant,
+        )
+        sub.add_argument(
+            "--sub-tenant-id",
             "--sub-tenant",
+            dest="sub_tenant",
+            metavar="SUB_TENANT_ID",
             default=catalogs.TENANT_WIDE,
-            type=_text("--sub-tenant"),
+            type=_text("--sub-tenant-id"),
             help="omitted or '*': the tenant-wide catalog",
         )
         return sub

@@ -443,6 +443,13 @@ def test_admin_catalog_set_list_clear(database_url: str, tmp_path: Path) -> None
         "sub_tenant_id": "s1",
         "dispositions": [],
     }
+    # Spelled like `grant` too (--tenant-id, --sub-tenant-id), with the same answers.
+    spelled = admin(database_url, "catalog", "list", "--tenant-id", "tenant1")
+    assert (spelled.returncode, json.loads(spelled.stdout)) == (0, stored)
+    spelled_sub = admin(
+        database_url, "catalog", "list", "--tenant-id", "tenant1", "--sub-tenant-id", "s1"
+    )
+    assert json.loads(spelled_sub.stdout) == json.loads(sub.stdout)
 
     # `set` replaces the whole catalog.
     replacement = write(
