@@ -123,6 +123,7 @@ class _Builder:
         self.d = _Descriptors(files)
         self.schemas: dict[str, Any] = {}
         self.field_comments: dict[str, dict[str, str]] = {}
+        self.error_responses = error_responses()  # components.responses; each operation refers
         for file in self.d.files:
             prefix = f".{file.package}" if file.package else ""
             for m_index, message in enumerate(file.message_type):
@@ -223,7 +224,7 @@ class _Builder:
                 },
                 **{
                     status: {"$ref": f"#/components/responses/{status}"}
-                    for status in error_responses()
+                    for status in self.error_responses
                     # A 405 answers a method the path does not have, never this operation.
                     if status != str(errors.MethodNotAllowed.http_status)
                 },
@@ -316,7 +317,7 @@ def build(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
                     },
                 },
             },
-            "responses": error_responses(),
+            "responses": builder.error_responses,
         },
     }
 

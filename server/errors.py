@@ -8,7 +8,7 @@ unknown path, a body over 5 MB, ...): no server raises them, but they are part o
 get, in the same envelope.
 
 The lookup tables are derived from the classes, never written again (the model is
-python-api-core's exceptions.py): `vocabulary()` is the whole table, from which `make gen`
+python-api-core's exceptions.py): `service_errors()` lists the classes, from which `make gen`
 renders the gateway's Lua tables (each reason's HTTP status, each status's envelope message;
 gateway/vocabulary.py) and the OpenAPI document's error responses (gateway/openapi.py).
 """
@@ -16,7 +16,7 @@ gateway/vocabulary.py) and the OpenAPI document's error responses (gateway/opena
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -334,23 +334,6 @@ def message_by_http_status() -> dict[int, str]:
     for cls in service_errors():
         found.setdefault(cls.http_status, cls.default_message)
     return dict(sorted(found.items()))
-
-
-def vocabulary() -> list[dict[str, Any]]:
-    """Every error a client can get, as plain data (what `make gen` renders outward)."""
-    return [
-        {
-            "name": cls.__name__,
-            "reason": cls.reason,
-            "origin": cls.origin,
-            "grpc_code": code_pb2.Code.Name(cls.code),
-            "http_status": cls.http_status,
-            "message": cls.default_message,
-            "details": ["google.rpc.ErrorInfo", *cls.detail_types],
-            "summary": " ".join((cls.__doc__ or "").split()),
-        }
-        for cls in service_errors()
-    ]
 
 
 def _violation(field: str, description: str) -> error_details_pb2.BadRequest.FieldViolation:
