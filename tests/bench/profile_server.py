@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -58,17 +59,22 @@ def stages(folded: Path, *, rate: float, requests: int) -> str:
     """Samples per stage; µs per request assuming one sample is 1/rate seconds (--gil)."""
     counts: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        total += int(count_text)
-        counts[_stage(stack.split(";"))] += int(count_text)
+    for frames, count in _samples(folded):
+        total += count
+        counts[_stage(frames)] += count
     lines = [f"-- by stage ({total} samples; µs/req if every sample held the GIL)"]
     for name, count in counts.most_common():
         us = 1e6 * count / rate / requests if requests else 0.0
         lines.append(f"{100 * count / total:6.1f}%  {us:7.1f} µs/req  {name}")
     return "\n".join(lines)
+
+
+def _samples(folded: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames, outermost first; sample count) of each line of py-spy's raw folded output."""
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack:
+            yield stack.split(";"), int(count_text)
 
 
 def _stage(frames: list[str]) -> str:
@@ -84,12 +90,8 @@ def summarize(folded: Path, top: int) -> str:
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in folded.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
-        frames = [_short(frame) for frame in stack.split(";")]
+    for stack, count in _samples(folded):
+        frames = [_short(frame) for frame in stack]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
