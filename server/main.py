@@ -77,7 +77,7 @@ def tune_gc() -> None:
     descriptors). gc.freeze() moves what start-up made into a generation that is never
     collected (it lives as long as the process anyway), and a higher young threshold makes
     collections rarer. Cycles are still collected; measured by `make bench`'s ingest suite:
-    about 20,700 -> 26,000 calls/s (see README, Performance).
+    about 20,700 -> 26,000 calls/s (see docs/benchmarks.md).
     """
     gc.freeze()
     _, older, oldest = gc.get_threshold()
