@@ -65,14 +65,12 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0
 
 .PHONY: run
-run: install ## Set up everything and serve: SQLite, demo partner, Envoy on $HTTP_PORT (admin $ENVOY_ADMIN_PORT), gRPC on $GRPC_PORT
-	mkdir -p var
-	$(PY) -m gateway.stack
+run: install ## Set up everything and serve: SQLite in VAR_DIR (var/), demo partner, Envoy on $HTTP_HOST:$HTTP_PORT (admin $ENVOY_ADMIN_PORT), gRPC on $GRPC_PORT
+	$(PY) -m devstack.run
 
 .PHONY: run-cluster
 run-cluster: install ## REPLICAS (2) servers behind one Envoy on PostgreSQL ($DATABASE_URL) + Redis ($REDIS_URL)
-	mkdir -p var
-	$(PY) -m gateway.cluster
+	$(PY) -m devstack.cluster
 
 .PHONY: migrate
 migrate: install ## Upgrade the database named by DATABASE_URL to the current schema (Alembic)

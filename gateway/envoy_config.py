@@ -1,10 +1,10 @@
 """Render envoy.yaml for other ports and absolute paths.
 
 The repository's envoy.yaml is the template: it is a valid, deployable config with the default
-ports (HTTP 8080, gRPC upstream 127.0.0.1:50051, admin 9901) and paths relative to the repository
-root. `render` swaps those few values by exact text substitution, so the rendered file differs from
-envoy.yaml in nothing else. Several gRPC ports (server replicas) repeat the cluster's one endpoint
-entry, once per port, in the order given.
+address and ports (HTTP 127.0.0.1:8080, gRPC upstream 127.0.0.1:50051, admin 9901) and paths
+relative to the repository root. `render` swaps those few values by exact text substitution, so
+the rendered file differs from envoy.yaml in nothing else. Several gRPC ports (server replicas)
+repeat the cluster's one endpoint entry, once per port, in the order given.
 
     python -m gateway.envoy_config --http-port 18080 --grpc-port 50052 --out build/envoy.yaml
     python -m gateway.envoy_config --grpc-port 50051 50052 50053 --out build/envoy-cluster.yaml
@@ -21,6 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "envoy.yaml"
 
+DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_ADMIN_PORT = 9901
@@ -35,6 +36,7 @@ ENDPOINT = """\
 
 def render(
     *,
+    http_host: str = DEFAULT_HTTP_HOST,
     http_port: int = DEFAULT_HTTP_PORT,
     grpc_port: int | Sequence[int] = DEFAULT_GRPC_PORT,
     admin_port: int = DEFAULT_ADMIN_PORT,
@@ -50,7 +52,10 @@ def render(
         raise ValueError("at least one gRPC upstream port is needed")
     text = TEMPLATE.read_text()
     substitutions = {
-        f"port_value: {DEFAULT_HTTP_PORT} ": f"port_value: {http_port} ",
+        # The public listener's address (its port_value is unique in the file).
+        f"{{ address: {DEFAULT_HTTP_HOST}, port_value: {DEFAULT_HTTP_PORT} }}": (
+            f"{{ address: {http_host}, port_value: {http_port} }}"
+        ),
         ENDPOINT % DEFAULT_GRPC_PORT: "".join(ENDPOINT % port for port in grpc_ports),
         f"port_value: {DEFAULT_ADMIN_PORT} ": f"port_value: {admin_port} ",
         "proto_descriptor: build/disposition.pb": (
@@ -79,6 +84,11 @@ def render(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--http-host",
+        default=os.environ.get("HTTP_HOST", DEFAULT_HTTP_HOST),
+        help="the public listener's address (0.0.0.0: every interface)",
+    )
+    parser.add_argument(
         "--http-port", type=int, default=int(os.environ.get("HTTP_PORT", DEFAULT_HTTP_PORT))
     )
     parser.add_argument(
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where to write the rendered config")
     args = parser.parse_args(argv)
     path = render(
+        http_host=args.http_host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         admin_port=args.admin_port,

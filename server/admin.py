@@ -1,9 +1,11 @@
 """`disposition-admin`: manage partners, credentials, tenant grants and disposition catalogs.
 
-Works against the database of a running stack (reads DATABASE_URL); changes take
-effect on the next request, with no restart. Output is JSON on stdout; errors go
-to stderr. Exit codes: 0 done, 1 unexpected failure, 2 bad usage,
-3 no such partner or grant, 4 already exists.
+Works against the database of a running stack: DATABASE_URL, else the checkout's
+var/disposition.db (what `make run` uses), wherever it is run from; outside a checkout
+DATABASE_URL is required. Only `migrate` creates a database. Changes take effect on the
+next request, with no restart. Output is JSON on stdout; errors go to stderr. Exit codes:
+0 done, 1 unexpected failure, 2 bad usage (or no database to use), 3 no such partner or
+grant, 4 already exists.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
 from server.db import Database, SchemaOutdated
-from server.domain import catalogs, partners
-from server.settings import Settings, SettingsError
+from server.settings import Settings, SettingsError, project_root
+from server.usecases import catalogs, partners
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 1, 2, 3, 4
 
@@ -167,7 +170,8 @@ async def _init_db(db: Database, args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disposition-admin",
-        description="Manage partners, credentials and tenant grants (reads DATABASE_URL).",
+        description="Manage partners, credentials, tenant grants and catalogs. The database: "
+        "DATABASE_URL, else the project checkout's var/disposition.db.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -311,10 +315,30 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Any:
         await db.dispose()
 
 
+def _database_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """The settings of the database to work on. SettingsError when there is none to use: no
+    DATABASE_URL outside a checkout, or a SQLite file that does not exist (only `migrate`
+    creates one)."""
+    if not env.get("DATABASE_URL") and project_root() is None:
+        raise SettingsError(
+            "DATABASE_URL is not set and disposition-admin is not running from a project "
+            "checkout; set DATABASE_URL=sqlite+aiosqlite:///PATH/disposition.db "
+            "(or postgresql+asyncpg://…)"
+        )
+    settings = Settings.from_env(env)
+    path = settings.sqlite_path()
+    if path is not None and args.run is not _init_db and not path.exists():
+        raise SettingsError(
+            f"the database {path} does not exist yet; create it with `make run` "
+            "or `disposition-admin migrate`"
+        )
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = _database_settings(args, os.environ)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     try:

@@ -21,11 +21,11 @@ from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
 from server.db import Database
-from server.domain.access_cache import AccessCache
-from server.domain.feed import FeedHub
-from server.domain.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from server.interceptors import ServiceInterceptor
 from server.metrics import Metrics
+from server.runtime.access_cache import AccessCache
+from server.runtime.feed import FeedHub
+from server.runtime.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
 
@@ -33,6 +33,17 @@ SERVICE_NAMES = (
     disposition_pb2.DESCRIPTOR.services_by_name["DispositionService"].full_name,
     ingestion_pb2.DESCRIPTOR.services_by_name["CallIngestionService"].full_name,
 )
+
+
+class PortUnavailable(OSError):
+    """The server cannot bind a configured port (another program holds it, or it is refused)."""
+
+    def __init__(self, variable: str, port: int, cause: Exception | None) -> None:
+        super().__init__(
+            f"cannot listen on {variable} {port} (in use or not allowed); set {variable}="
+            "<a free port>"
+        )
+        self.cause = cause
 
 
 class App:
@@ -111,13 +122,19 @@ class App:
         if self.access_cache is not None:
             await self.access_cache.start()
         if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(
-                self.settings.metrics_host, self.settings.metrics_port
-            )
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.metrics_host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                raise PortUnavailable("METRICS_PORT", self.settings.metrics_port, exc) from exc
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address"
+            raise PortUnavailable("GRPC_PORT", self.settings.grpc_port, exc) from exc
         if self.port == 0:
-            raise OSError(f"could not bind the gRPC server to {address}")
+            raise PortUnavailable("GRPC_PORT", self.settings.grpc_port, None)
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

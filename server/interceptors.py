@@ -28,11 +28,11 @@ from google.protobuf.message import DecodeError
 from server import context
 from server.context import RequestContext
 from server.db import Database
-from server.domain import access
-from server.domain.access_cache import AccessCache
-from server.domain.ratelimit import RateLimiter
 from server.errors import Forbidden, MalformedRequest, RateLimited, RepeatedHeader, ServiceError
 from server.metrics import Metrics
+from server.runtime.access_cache import AccessCache
+from server.runtime.ratelimit import RateLimiter
+from server.usecases import access
 
 log = logging.getLogger("disposition.rpc")
 

@@ -9,11 +9,14 @@ import logging
 import signal
 import sys
 
-from server.app import App
+from server.app import App, PortUnavailable
 from server.db import Database, SchemaOutdated
 from server.settings import Settings, SettingsError
 
-log = logging.getLogger("disposition")
+# Start and stop ("serving", "draining", "stopped") are logged whatever LOG_LEVEL is: launchers
+# (devstack/) know a server is ready by its own "serving" line, which names the port it bound.
+lifecycle = logging.getLogger("disposition.lifecycle")
+lifecycle.setLevel(logging.INFO)
 
 _STANDARD = set(vars(logging.makeLogRecord({})))
 
@@ -44,7 +47,7 @@ async def serve(settings: Settings) -> None:
     app = App(settings, Database(settings))
     port = await app.start()
     tune_gc()
-    log.info(
+    lifecycle.info(
         "serving",
         extra={
             "port": port,
@@ -59,9 +62,9 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    lifecycle.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await app.stop()
-    log.info("stopped")
+    lifecycle.info("stopped")
 
 
 # Young objects between collections of the youngest generation (CPython's default: 700).
@@ -102,7 +105,7 @@ def main() -> None:
     configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except SchemaOutdated as exc:
+    except (SchemaOutdated, PortUnavailable) as exc:
         print(f"disposition-server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

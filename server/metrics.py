@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.pool import QueuePool
 
 from server.db import Database
-from server.domain import update_groups
+from server.runtime import update_groups
 from server.storage.postgres_writer import PostgresUnits
 
 # 1 ms to 10 s: a cached read is ~1 ms, a 1,000-item batch on SQLite can take seconds.

@@ -1,4 +1,8 @@
-"""gRPC servicers: protobuf in, domain calls, protobuf out. No SQL, no rules."""
+"""gRPC servicers: protobuf in, use case calls, protobuf out. No SQL, no rules.
+
+Each handler reads the caller (partner, tenant, sub-tenant, request id) from the request
+context that the interceptor filled in, and passes it to the use case explicitly.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from disposition.v1 import (
 )
 from server import context as request_context
 from server.db import Database
-from server.domain import (
+from server.records import Caller, ChangeRecord
+from server.runtime.feed import FeedHub
+from server.usecases import (
     batch_updates,
     catalogs,
     dispositions,
@@ -31,8 +37,6 @@ from server.domain import (
     ingestion,
     reports,
 )
-from server.domain.feed import FeedHub
-from server.storage.history import ChangeRecord
 
 
 class DispositionService(disposition_grpc.DispositionServiceServicer):
@@ -46,7 +50,9 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[disposition_pb2.WatchDispositionChangesResponse]:
         async for batch in self.feed.watch(
-            after_cursor=request.after_cursor, start_at_latest=request.start_at_latest
+            caller=_caller(),
+            after_cursor=request.after_cursor,
+            start_at_latest=request.start_at_latest,
         ):
             yield disposition_pb2.WatchDispositionChangesResponse(
                 changes=[change_message(change) for change in batch.changes], cursor=batch.cursor
@@ -59,6 +65,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
     ) -> disposition_pb2.UpdateDispositionStatusResponse:
         await dispositions.update_disposition_status(
             self.db,
+            caller=_caller(),
             customer_id=request.customer_id,
             disposition_status=(
                 request.disposition_status if request.HasField("disposition_status") else None
@@ -73,6 +80,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
     ) -> disposition_pb2.BatchUpdateDispositionStatusResponse:
         result = await batch_updates.batch_update(
             self.db,
+            caller=_caller(),
             items=[
                 batch_updates.UpdateItem(
                     customer_id=item.customer_id,
@@ -112,7 +120,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.ListDispositionsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.ListDispositionsResponse:
-        catalog = await catalogs.list_dispositions(self.db)
+        catalog = await catalogs.list_dispositions(self.db, caller=_caller())
         return disposition_pb2.ListDispositionsResponse(
             success=True,
             data=disposition_pb2.DispositionCatalog(
@@ -136,7 +144,9 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.GetDispositionStatusRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.GetDispositionStatusResponse:
-        status = await reports.get_status(self.db, customer_id=request.customer_id)
+        status = await reports.get_status(
+            self.db, caller=_caller(), customer_id=request.customer_id
+        )
         return disposition_pb2.GetDispositionStatusResponse(
             success=True,
             data=disposition_pb2.CustomerDispositionStatus(
@@ -153,6 +163,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
     ) -> disposition_pb2.ListDispositionHistoryResponse:
         page = await reports.list_history(
             self.db,
+            caller=_caller(),
             customer_id=request.customer_id,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -172,7 +183,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.GetDispositionSummaryResponse:
         summary = await reports.get_summary(
-            self.db, window_from=getattr(request, "from"), window_to=request.to
+            self.db, caller=_caller(), window_from=getattr(request, "from"), window_to=request.to
         )
         data = disposition_pb2.DispositionSummary(
             tenant_id=summary.tenant_id,
@@ -206,6 +217,7 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
     ) -> ingestion_pb2.IngestBatchCallsResponse:
         result = await ingestion.ingest_batch(
             self.db,
+            caller=_caller(),
             items=[_batch_item(item) for item in request.data],
             idempotency_key=_idempotency_key(),
         )
@@ -229,6 +241,14 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
                 customer_created=item.customer_created,
             )
         return reply
+
+
+def _caller() -> Caller:
+    """Who the RPC acts for: the request context once the interceptor's gates passed."""
+    ctx = request_context.get()
+    assert ctx.partner_pk is not None and ctx.partner_id is not None
+    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
+    return Caller(ctx.partner_pk, ctx.partner_id, ctx.tenant_id, ctx.sub_tenant_id, ctx.request_id)
 
 
 def _idempotency_key() -> str | None:

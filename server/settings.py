@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/disposition.db"
+PROJECT_NAME = "disposition-service"  # [project] name in the checkout's pyproject.toml
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -18,11 +19,31 @@ class SettingsError(ValueError):
     """A configuration value is missing, malformed or unsafe."""
 
 
+def project_root() -> Path | None:
+    """The checkout this package runs from: the directory holding its pyproject.toml (None when
+    the package is installed from a wheel, outside any checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        with (root / "pyproject.toml").open("rb") as file:
+            name = tomllib.load(file).get("project", {}).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return root if name == PROJECT_NAME else None
+
+
+def default_database_url() -> str:
+    """The checkout's var/disposition.db, wherever the process runs from (outside a checkout:
+    var/disposition.db in the working directory)."""
+    root = project_root()
+    path = root / "var" / "disposition.db" if root is not None else Path("var", "disposition.db")
+    return f"sqlite+aiosqlite:///{path}"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the server reads from its environment."""
 
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = field(default_factory=default_database_url)
     # PostgreSQL: connections of each pool (the units of work's, and the readers').
     database_pool_size: int = 10
     grpc_host: str = "127.0.0.1"
@@ -44,10 +65,10 @@ class Settings:
     feed_poll_seconds: float = 0.05
     feed_heartbeat_seconds: float = 15.0
     # Group commit under load: when a group commits with update_groups.SIBLINGS (2) or more updates
-    # already queued, the next group waits this long for more (domain/update_groups.py).
+    # already queued, the next group waits this long for more (runtime/update_groups.py).
     group_commit_linger_seconds: float = 0.002
     # Credentials and grants cached in memory for this long (0: read on every request), trusted
-    # only while the access version is polled every access_poll_seconds (domain/access_cache.py).
+    # only while the access version is polled every access_poll_seconds (runtime/access_cache.py).
     access_cache_seconds: float = 60.0
     access_poll_seconds: float = 0.05
     # Rate limits shared by every replica through Redis (None: counted in this process only).
@@ -62,7 +83,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         settings = cls(
-            database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_url=env.get("DATABASE_URL") or default_database_url(),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=2),
             grpc_host=env.get("GRPC_HOST", "127.0.0.1"),
             grpc_port=_int(env, "GRPC_PORT", 50051, minimum=0),

@@ -46,16 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from gateway.envoy_process import EnvoyPorts, run_envoy
-from tests.support import (
-    Credentials,
-    PostgresSchemas,
-    ServerProcess,
-    batch_item,
-    onboard_at,
-    settings_for,
-    sql,
-)
+from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
+from tests.support import PostgresSchemas, batch_item, settings_for, sql
 
 UPDATE = "/api/v1/partner/ingest/disposition-status"
 BATCH = "/api/v1/partner/ingest/batch-call"

@@ -11,11 +11,12 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import select
 
+from devstack import Credentials
 from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.models import Customer, DispositionHistory
-from tests.support import Credentials, batch_item
+from tests.support import batch_item
 
 
 async def fail(call: Any) -> grpc.aio.AioRpcError:

@@ -1,4 +1,5 @@
-"""A real stack for REST tests: disposition-server process + Envoy + a database (either engine)."""
+"""The REST tests' stack: the dev stack (a disposition-server process and Envoy) on a database of
+either engine, with partner 123 and customer123 as in the documentation, and REST helpers."""
 
 from __future__ import annotations
 
@@ -10,16 +11,10 @@ from typing import Any
 
 from sqlalchemy import Executable, Row
 
-from gateway.envoy_process import EnvoyPorts, run_envoy
+from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at
+from devstack import start_stack as start_devstack
 from tests.http_helpers import Reply, call
-from tests.support import (
-    Credentials,
-    ServerProcess,
-    batch_item,
-    onboard_at,
-    settings_for,
-    sql,
-)
+from tests.support import batch_item, settings_for, sql
 
 UPDATE = "/api/v1/partner/ingest/disposition-status"
 BATCH = "/api/v1/partner/ingest/batch-call"
@@ -74,15 +69,12 @@ class Stack:
 def start_stack(tmp: Path, database_url: str | None = None) -> Iterator[Stack]:
     """The stack on `database_url` (at head already on PostgreSQL), else a new SQLite file."""
     url = database_url or f"sqlite+aiosqlite:///{tmp / 'disposition.db'}"
-    path = settings_for(url).sqlite_path()
-    server = ServerProcess(url, tmp / "server.log")
-    server.start()
-    try:
-        with run_envoy(grpc_port=server.port, log_path=tmp / "envoy.log") as envoy:
-            stack = Stack(url, path, server, envoy, Credentials("", "", ""))
-            stack.partner = stack.onboard("123")
-            reply = stack.ingest(stack.partner, batch_item("call-1", "customer123"))
-            assert reply.status == 200, reply.body
-            yield stack
-    finally:
-        server.stop()
+    with start_devstack(url, workdir=tmp) as running:
+        stack = Stack(
+            url, settings_for(url).sqlite_path(), running.servers[0], running.envoy,
+            Credentials("", "", ""),
+        )  # fmt: skip
+        stack.partner = stack.onboard("123")
+        reply = stack.ingest(stack.partner, batch_item("call-1", "customer123"))
+        assert reply.status == 200, reply.body
+        yield stack

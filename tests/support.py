@@ -1,64 +1,31 @@
-"""Helpers shared by the tests: real servers, real databases, real credentials."""
+"""Helpers shared by the tests: databases of either engine, SQL, fault injection, batch items.
+
+Servers, Envoy and credentials come from the dev stack (devstack/), as for `make run`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Executable, Row, text
 from sqlalchemy.engine import make_url
 
-from gateway.processes import stop_process
 from server.app import App
 from server.db import Database
-from server.domain import partners
 from server.models import Base
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-@dataclass(frozen=True)
-class Credentials:
-    partner_id: str
-    api_key: str
-    api_secret: str
-    tenant_id: str = "tenant1"
-    sub_tenant_id: str = "subtenant1"
-
-    def headers(self, **overrides: str | None) -> dict[str, str]:
-        """REST headers / gRPC metadata; pass name=None to drop one (underscores -> dashes)."""
-        headers = {
-            "x-api-key": self.api_key,
-            "x-api-secret": self.api_secret,
-            "x-tenant-id": self.tenant_id,
-            "x-sub-tenant-id": self.sub_tenant_id,
-        }
-        for name, value in overrides.items():
-            key = name.replace("_", "-")
-            if value is None:
-                headers.pop(key, None)
-            else:
-                headers[key] = value
-        return headers
-
-    def metadata(self, **overrides: str | None) -> tuple[tuple[str, str], ...]:
-        return tuple(self.headers(**overrides).items())
 
 
 def settings_for(database_url: str, **overrides: Any) -> Settings:
@@ -74,41 +41,6 @@ async def access_change_seen(app: App, before: int, timeout: float = 5.0) -> Non
     while cache.generation == before:
         assert asyncio.get_running_loop().time() < deadline, "the access cache never noticed"
         await asyncio.sleep(0.005)
-
-
-async def onboard(
-    db: Database,
-    partner_id: str,
-    *,
-    grants: Sequence[tuple[str, str]] = (("tenant1", "subtenant1"),),
-    rate_limit_per_minute: int | None = None,
-) -> Credentials:
-    """Create a partner with its grants, as `disposition-admin` would."""
-    issued = await partners.create_partner(
-        db,
-        partner_id=partner_id,
-        name=f"Partner {partner_id}",
-        rate_limit_per_minute=rate_limit_per_minute,
-    )
-    for tenant_id, sub_tenant_id in grants:
-        await partners.grant(
-            db, partner_id=partner_id, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
-        )
-    tenant, sub = grants[0] if grants else ("tenant1", "subtenant1")
-    return Credentials(partner_id, issued.api_key, issued.api_secret, tenant, sub)
-
-
-def onboard_at(database_url: str, partner_id: str, **kwargs: Any) -> Credentials:
-    """`onboard` from synchronous code, on its own connection to `database_url`."""
-
-    async def go() -> Credentials:
-        db = Database(settings_for(database_url))
-        try:
-            return await onboard(db, partner_id, **kwargs)
-        finally:
-            await db.dispose()
-
-    return run(go())  # type: ignore[no-any-return]
 
 
 def batch_item(
@@ -130,67 +62,6 @@ def batch_item(
         "agent": {"id": "agent-7", "email": "agent7@example.com", "name": "Agent Seven"},
         "customer": customer,
     }
-
-
-class ServerProcess:
-    """`disposition-server` as a real child process on an ephemeral port."""
-
-    def __init__(self, database_url: str, log_path: Path, **env: str) -> None:
-        self.log_path = log_path
-        self.env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "GRPC_PORT": "0",
-            "SHUTDOWN_GRACE_SECONDS": "5",
-            **env,
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def start(self, timeout: float = 20.0) -> int:
-        log = self.log_path.open("ab")
-        offset = self.log_path.stat().st_size
-        self.process = subprocess.Popen(
-            [str(BIN / "disposition-server")], env=self.env, stdout=log, stderr=log, cwd=REPO
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log_path.read_bytes()[offset:].splitlines():
-                if b'"serving"' in line:
-                    self.port = int(json.loads(line)["port"])
-                    return self.port
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"server did not start: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        assert self.process is not None
-        return stop_process(self.process, grace=timeout, sig=sig)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(line)
-            for line in self.log_path.read_text().splitlines()
-            if line.startswith("{")
-        ]
-
-
-@contextmanager
-def server_process(database_url: str, log_path: Path, **env: str) -> Iterator[ServerProcess]:
-    server = ServerProcess(database_url, log_path, **env)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run(coro: Any) -> Any:

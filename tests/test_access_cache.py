@@ -17,15 +17,16 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from devstack import Credentials, ServerProcess, onboard
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
-from server.domain import access
-from server.domain.access_cache import AccessCache
 from server.errors import Forbidden
+from server.runtime.access_cache import AccessCache
 from server.storage import partners
+from server.usecases import access
 from tests.grpc_helpers import fail, ingest, update_request
-from tests.support import BIN, REPO, Credentials, ServerProcess, onboard, settings_for
+from tests.support import BIN, REPO, settings_for
 
 
 @contextmanager

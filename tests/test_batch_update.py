@@ -12,13 +12,14 @@ import pytest
 from google.protobuf import json_format
 from sqlalchemy import select
 
+from devstack import Credentials, onboard
 from disposition.v1 import disposition_service_pb2 as pb
 from server.db import Database
 from server.models import Customer, DispositionHistory
 from tests.grpc_helpers import details, fail, history, ingest, stored_status, violations
 from tests.http_helpers import assert_rest_reply
 from tests.rest_stack import Stack, start_stack
-from tests.support import Credentials, batch_item, onboard
+from tests.support import batch_item
 
 BATCH_UPDATE = "/api/v1/partner/ingest/disposition-status/batch"
 

@@ -14,11 +14,13 @@ import pytest
 from google.protobuf import json_format
 from sqlalchemy import func, select
 
+from devstack import Credentials, onboard
 from disposition.v1 import disposition_service_pb2 as pb
 from server.db import Database
-from server.domain import catalogs
-from server.domain.catalogs import Disposition, InvalidCatalog, parse_definitions
 from server.models import Call, Customer
+from server.records import Disposition
+from server.usecases import catalogs
+from server.usecases.catalogs import InvalidCatalog, parse_definitions
 from tests.grpc_helpers import (
     batch_request,
     details,
@@ -31,7 +33,7 @@ from tests.grpc_helpers import (
 )
 from tests.http_helpers import assert_rest_reply
 from tests.rest_stack import BATCH, Stack, start_stack
-from tests.support import Credentials, batch_item, onboard
+from tests.support import batch_item
 from tests.test_tooling import admin
 
 DISPOSITIONS = "/api/v1/partner/dispositions"

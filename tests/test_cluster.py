@@ -20,17 +20,11 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from gateway.envoy_process import EnvoyPorts, run_envoy, upstream_health
+from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
+from devstack.envoy import upstream_health
 from tests.http_helpers import Reply, assert_rest_reply, call
 from tests.rest_stack import BATCH, UPDATE
-from tests.support import (
-    Credentials,
-    PostgresSchemas,
-    ServerProcess,
-    batch_item,
-    onboard_at,
-    sql,
-)
+from tests.support import PostgresSchemas, batch_item, sql
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL") or None
 

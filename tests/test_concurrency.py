@@ -15,13 +15,14 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
+from devstack import Credentials
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
 from server.models import Call, Customer, DispositionHistory
 from tests.grpc_helpers import batch_request, history, stored_status, update_request
-from tests.support import Credentials, batch_item, settings_for
+from tests.support import batch_item, settings_for
 
 WRITERS = 24
 

@@ -10,15 +10,15 @@ from typing import Any
 import grpc
 import pytest
 
+from devstack import Credentials, onboard, run_envoy
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
-from gateway.envoy_process import run_envoy
 from server.app import App
 from server.db import Database, SchemaOutdated
 from server.storage.postgres_feed import APPLICATION_NAME
 from tests.grpc_helpers import details, ingest, update_request, violations
-from tests.support import Credentials, onboard, settings_for, sql
+from tests.support import settings_for, sql
 
 
 class Watcher:

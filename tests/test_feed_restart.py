@@ -12,12 +12,13 @@ from typing import Any
 
 import grpc
 
+from devstack import Credentials, ServerProcess, onboard
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.db import Database
 from tests.grpc_helpers import ingest, update_request
-from tests.support import Credentials, ServerProcess, onboard, settings_for
+from tests.support import settings_for
 
 CUSTOMERS = [f"cust-{n}" for n in range(20)]
 
@@ -59,6 +60,17 @@ async def follow(port_of: Any, creds: Credentials, received: list[pb.Disposition
             await asyncio.sleep(0.05)
 
 
+async def more_than(received: list[pb.DispositionChange], count: int, timeout: float = 20) -> int:
+    """How many changes the watcher has received, once that is more than `count` (and a few
+    more have had the time to arrive)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(received) <= count:
+        assert asyncio.get_running_loop().time() < deadline, f"no change after {count}"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # let writes run on both servers before the next kill
+    return len(received)
+
+
 def committed(db_path: Path) -> list[tuple[int, str, str | None, str | None]]:
     with sqlite3.connect(db_path) as conn:
         return conn.execute(
@@ -92,13 +104,11 @@ async def test_watcher_resumes_exactly_once_across_kills_and_restarts(tmp_path: 
     try:
         progress = []  # changes received when each kill happened
         for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
-            await asyncio.sleep(0.7)
-            progress.append(len(received))
+            progress.append(await more_than(received, progress[-1] if progress else 0))
             await asyncio.to_thread(watched.stop, sig)
             await asyncio.sleep(0.3)  # the other server keeps committing meanwhile
             await asyncio.to_thread(watched.start)
-        await asyncio.sleep(0.7)
-        progress.append(len(received))
+        progress.append(await more_than(received, progress[-1]))
         stop.set()
         acknowledged = sum(await asyncio.gather(*writers))
         rows = committed(db_path)

@@ -31,9 +31,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from devstack import Credentials
 from gateway.openapi import DEFAULT_OUT
 from tests.rest_stack import Stack, start_stack
-from tests.support import CommitWatch, Credentials, batch_item
+from tests.support import CommitWatch, batch_item
 
 pytestmark = pytest.mark.envoy
 

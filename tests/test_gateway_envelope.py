@@ -20,13 +20,13 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 
+from devstack import EnvoyPorts, run_envoy
 from disposition.v1 import (
     call_ingestion_service_pb2,
     call_ingestion_service_pb2_grpc,
     disposition_service_pb2,
     disposition_service_pb2_grpc,
 )
-from gateway.envoy_process import EnvoyPorts, run_envoy
 from server import errors
 from tests.http_helpers import Reply, assert_rest_reply, call
 

@@ -11,10 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
+from devstack import Credentials, onboard
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.app import App
 from server.db import Database
-from server.domain import partners
+from server.usecases import partners
 from tests.grpc_helpers import (
     details,
     fail,
@@ -25,7 +26,7 @@ from tests.grpc_helpers import (
     update_request,
     violations,
 )
-from tests.support import Credentials, access_change_seen, onboard
+from tests.support import access_change_seen
 
 UPDATE = "/disposition.v1.DispositionService/UpdateDispositionStatus"
 
@@ -321,7 +322,7 @@ async def test_unexpected_errors_are_internal_and_logged_with_request_id(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from server.domain import dispositions as domain
+    from server.usecases import dispositions as domain
 
     async def broken(*_args: Any, **_kwargs: Any) -> bool:
         raise RuntimeError("secret database detail")

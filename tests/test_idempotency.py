@@ -15,14 +15,11 @@ import grpc
 import pytest
 from sqlalchemy import func, insert, select, update
 
+from devstack import Credentials, onboard
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
-from server import context
 from server.app import App
-from server.context import RequestContext
 from server.db import Database
-from server.domain import idempotency
-from server.domain import ingestion as domain
 from server.errors import InvalidIdempotencyKey
 from server.models import (
     Call,
@@ -32,11 +29,13 @@ from server.models import (
     IdempotencyRecord,
     Partner,
 )
-from server.storage.units import Plan, Reads, Snapshot
+from server.records import Caller, Plan, Reads, Snapshot
+from server.usecases import idempotency
+from server.usecases import ingestion as domain
 from tests.grpc_helpers import batch_request, details, history, violations
 from tests.http_helpers import assert_rest_reply
 from tests.rest_stack import BATCH, Stack, start_stack
-from tests.support import Credentials, batch_item, failing_inserts, onboard, settings_for
+from tests.support import batch_item, failing_inserts, settings_for
 
 REPLAYED = "idempotent-replayed"
 REUSED = [("Idempotency-Key", "Idempotency-Key was already used with a different request")]
@@ -435,9 +434,7 @@ async def test_postgres_twin_waits_for_the_first_transaction(pg_url: str) -> Non
     await onboard(db, "123")
     async with db.read() as conn:
         partner_pk = (await conn.execute(select(Partner.id))).scalar_one()
-    token = context.current.set(
-        RequestContext("r", "/m", partner_pk=partner_pk, tenant_id="t", sub_tenant_id="s")
-    )
+    caller = Caller(partner_pk, "123", "t", "s", "r")
 
     def decode(data: Any) -> Any:
         return data
@@ -471,17 +468,16 @@ async def test_postgres_twin_waits_for_the_first_transaction(pg_url: str) -> Non
         return await waiting
 
     try:
-        crashing = idempotency.prepare("k1", method="M", payload=[1])
+        crashing = idempotency.prepare("k1", caller=caller, method="M", payload=[1])
         assert crashing is not None
         assert await first(crashing, commit=False) == idempotency.Result({"by": "twin"})
-        request = idempotency.prepare("k2", method="M", payload=[1])
+        request = idempotency.prepare("k2", caller=caller, method="M", payload=[1])
         assert request is not None
         assert await first(request, commit=True) == idempotency.Result(
             {"by": "first"}, replayed=True
         )
         assert [key for key, _ in await stored_keys(db)] == ["k1", "k2"]
     finally:
-        context.current.reset(token)
         await db.dispose()
 
 

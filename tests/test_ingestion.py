@@ -9,10 +9,11 @@ import pytest
 from google.protobuf import json_format
 from sqlalchemy import func, select
 
+from devstack import Credentials
 from server.db import Database
 from server.models import Call, Customer
 from tests.grpc_helpers import batch_request, history, stored_status, violations
-from tests.support import Credentials, batch_item
+from tests.support import batch_item
 
 
 async def count(db: Database, model: Any) -> int:
@@ -223,7 +224,7 @@ async def test_full_batch_of_1000(ingestion: Any, partner: Credentials, db: Data
 
 
 async def test_customers_are_scoped_to_tenant_and_sub_tenant(ingestion: Any, db: Database) -> None:
-    from tests.support import onboard
+    from devstack import onboard
 
     creds = await onboard(db, "multi", grants=[("tenant1", "a"), ("tenant1", "b")])
     for sub in ("a", "b"):

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack import ServerProcess, onboard
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
@@ -21,7 +22,7 @@ from server.db import Database
 from server.main import JsonFormatter
 from server.settings import Settings, SettingsError
 from tests.grpc_helpers import ingest, update_request
-from tests.support import ServerProcess, onboard, settings_for
+from tests.support import settings_for
 
 UPDATE = "/disposition.v1.DispositionService/UpdateDispositionStatus"
 INGEST = "/disposition.v1.CallIngestionService/IngestBatchCalls"

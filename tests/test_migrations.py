@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
+from devstack import onboard
 from server.app import App
 from server.db import Database, SchemaOutdated
 from server.models import Base
@@ -24,7 +25,7 @@ from server.schema import (
     current_revision,
     head_revision,
 )
-from tests.support import BIN, REPO, PostgresSchemas, onboard, settings_for, sql
+from tests.support import BIN, REPO, PostgresSchemas, settings_for, sql
 
 
 def differences(conn: Connection) -> list[Any]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.envoy_process import EnvoyPorts, run_envoy
+from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
 from tests.http_helpers import call
-from tests.support import Credentials, ServerProcess, batch_item, onboard_at, sql
+from tests.support import batch_item, sql
 
 pytestmark = pytest.mark.envoy
 

@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
 from disposition.v1 import disposition_service_pb2 as pb
-from gateway.envoy_process import EnvoyPorts, run_envoy
 from tests.http_helpers import call
-from tests.support import CommitWatch, Credentials, ServerProcess, batch_item, onboard_at
+from tests.support import CommitWatch, batch_item
 
 pytestmark = pytest.mark.envoy
 

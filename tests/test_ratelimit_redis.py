@@ -15,13 +15,14 @@ import grpc
 import pytest
 import redis.asyncio as redis
 
+from devstack import free_port, onboard
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
-from server.domain.ratelimit import RedisRateLimiter
+from server.runtime.ratelimit import RedisRateLimiter
 from tests.grpc_helpers import details, ingest, update_request
-from tests.support import free_port, onboard, settings_for
+from tests.support import settings_for
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "")
 requires_redis = pytest.mark.skipif(

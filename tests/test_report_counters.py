@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from devstack import onboard
 from server.db import Database
 from server.models import Partner
+from server.records import Change, NewCustomer, Plan, Reads, Scope, Snapshot
 from server.storage import reports
-from server.storage.units import Change, NewCustomer, Plan, Reads, Scope, Snapshot
-from tests.support import onboard
 
 EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "60")) // 2
 BASE = datetime(2026, 3, 1, 22, 0, tzinfo=UTC)

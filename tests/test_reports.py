@@ -17,6 +17,7 @@ import grpc
 import pytest
 from sqlalchemy import select
 
+from devstack import Credentials, onboard
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server.db import Database
 from server.models import Customer, DispositionHistory
@@ -24,7 +25,7 @@ from server.storage import as_utc
 from tests.grpc_helpers import batch_request, details, fail, ingest, update_request, violations
 from tests.http_helpers import Reply, assert_rest_reply
 from tests.rest_stack import Stack, start_stack
-from tests.support import Credentials, batch_item, onboard
+from tests.support import batch_item
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6}|\.\d{9})?Z$")
 

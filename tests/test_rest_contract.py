@@ -14,8 +14,8 @@ import pytest
 
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from server.db import Database
-from server.domain import catalogs, partners
-from server.domain.catalogs import Disposition
+from server.records import Disposition
+from server.usecases import catalogs, partners
 from tests.grpc_helpers import batch_request, violations
 from tests.http_helpers import assert_rest_reply, call
 from tests.rest_stack import BATCH, UPDATE, Stack, start_stack

@@ -7,10 +7,6 @@ import base64
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
-from server.domain import validation
-from server.domain.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
-from server.domain.dispositions import validate_update
-from server.domain.ratelimit import InProcessRateLimiter
 from server.errors import (
     MAX_DESCRIPTION_BYTES,
     MAX_FIELD_BYTES,
@@ -19,7 +15,11 @@ from server.errors import (
     RateLimited,
     ValidationFailed,
 )
+from server.rules import validation
+from server.rules.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
+from server.runtime.ratelimit import InProcessRateLimiter
 from server.settings import Settings, SettingsError
+from server.usecases.dispositions import validate_update
 
 
 def problems(customer_id: str, status: str | None) -> list[tuple[str, str]]:

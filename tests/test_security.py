@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.envoy_process import EnvoyPorts, run_envoy
+from devstack import Credentials, EnvoyPorts, ServerProcess, run_envoy
 from tests.http_helpers import Reply, call
-from tests.support import BIN, REPO, Credentials, ServerProcess, batch_item, sql
+from tests.support import BIN, REPO, batch_item, sql
 
 pytestmark = pytest.mark.envoy
 

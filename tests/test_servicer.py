@@ -16,16 +16,17 @@ import grpc
 import grpc_testing
 import pytest
 
+from devstack import onboard
 from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from server import context
 from server.context import RequestContext
 from server.db import Database
-from server.domain.feed import FeedHub
 from server.errors import CustomerNotFound
+from server.runtime.feed import FeedHub
 from server.servicers import CallIngestionService, DispositionService
 from tests.grpc_helpers import batch_request, history, update_request
-from tests.support import batch_item, onboard, settings_for
+from tests.support import batch_item, settings_for
 
 UPDATE = disposition_pb2.DESCRIPTOR.services_by_name["DispositionService"].methods_by_name[
     "UpdateDispositionStatus"

@@ -24,19 +24,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack import ServerProcess, free_port
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as pb_grpc
 from server.schema import head_revision
 from tests.http_helpers import call
-from tests.support import (
-    BIN,
-    REPO,
-    PostgresSchemas,
-    ServerProcess,
-    batch_item,
-    free_port,
-    sql,
-)
+from tests.support import BIN, REPO, PostgresSchemas, batch_item, sql
 
 UPDATE_PATH = "/api/v1/partner/ingest/disposition-status"
 
@@ -193,11 +186,14 @@ def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
 
 
 def start_launcher(
-    workdir: Path, ports: dict[str, str], module: str = "gateway.stack"
+    workdir: Path, ports: dict[str, str], module: str = "devstack.run"
 ) -> tuple[subprocess.Popen[str], list[str]]:
-    """`make run`'s launcher (or `module`'s) in a scratch directory (its own var/), until it
+    """`make run`'s launcher (or `module`'s) in a scratch directory (its own VAR_DIR), until it
     prints its banner."""
-    env = {**os.environ, **ports, "LOG_LEVEL": "WARNING", "SHUTDOWN_GRACE_SECONDS": "3"}
+    env = {
+        **os.environ, **ports, "VAR_DIR": str(workdir / "var"), "LOG_LEVEL": "WARNING",
+        "SHUTDOWN_GRACE_SECONDS": "3",
+    }  # fmt: skip
     process = subprocess.Popen(
         [str(BIN / "python"), "-m", module],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -316,7 +312,7 @@ def test_make_run_cluster_serves_the_printed_lines_through_both_replicas(
     }
     (tmp_path / "build").symlink_to(REPO / "build")
     (tmp_path / ".venv").symlink_to(REPO / ".venv")
-    process, lines = start_launcher(tmp_path, env, module="gateway.cluster")
+    process, lines = start_launcher(tmp_path, env, module="devstack.cluster")
     try:
         assert f"  2 replicas: 127.0.0.1:{grpc_port} (metrics :{metrics_port}), " in "\n".join(
             lines

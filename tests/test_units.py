@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
+from devstack import onboard
 from server.db import Database
 from server.models import (
     Call,
@@ -21,9 +22,9 @@ from server.models import (
     StatusChangeHour,
     StatusCount,
 )
+from server.records import Change, NewCall, NewCustomer, Plan, Reads, Scope, Snapshot
 from server.storage import as_utc, postgres_writer
-from server.storage.units import Change, NewCall, NewCustomer, Plan, Reads, Scope, Snapshot
-from tests.support import onboard, settings_for, sql
+from tests.support import settings_for, sql
 
 SCOPE = Scope("t", "s")
 AT = datetime(2026, 1, 2, 3, 4, 5, 600, tzinfo=UTC)

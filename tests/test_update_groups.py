@@ -1,4 +1,4 @@
-"""Group commit of single updates (server/domain/update_groups.py), through a real server:
+"""Group commit of single updates (server/runtime/update_groups.py), through a real server:
 concurrent updates share transactions, each is judged on its own, and a failed transaction
 acknowledges none of its group."""
 
@@ -12,14 +12,16 @@ from typing import Any
 import grpc
 from sqlalchemy import select
 
+from devstack import Credentials
 from server.app import App
 from server.db import Database
-from server.domain import catalogs, update_groups
-from server.domain.catalogs import Disposition
 from server.models import Customer, DispositionHistory
+from server.records import Disposition
+from server.runtime import update_groups
 from server.settings import Settings
+from server.usecases import catalogs
 from tests.grpc_helpers import ingest, update_request
-from tests.support import Credentials, failing_inserts
+from tests.support import failing_inserts
 
 WRITERS = 24
 

@@ -1,6 +1,9 @@
-"""Storage functions: keyword-only arguments, Core statements, never commit on their own.
+"""Storage: SQL only. Functions with keyword-only arguments over Core statements, which never
+commit on their own, and the engines that run units of work (units.py is their port).
 
-The unit of work (`Database.write()` / `Database.read()`) is owned by the caller.
+The transaction (`Database.write()` / `Database.read()`, server/db.py) is owned by the caller.
+What storage reads and writes are the record types of server/records.py. It may import
+server.models and server.records, nothing of rules, use cases, runtime or transport.
 """
 
 from datetime import UTC, datetime

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import String, bindparam, case, delete, exists, insert, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import CatalogEntry
-
-TENANT_WIDE = "*"
+from server.records import TENANT_WIDE, Disposition, EffectiveCatalog
 
 _ENTRY = CatalogEntry
 _COLUMNS = (
@@ -49,25 +47,6 @@ _EXACT = (
     )
     .order_by(_ENTRY.position)
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Disposition:
-    """One allowed status with its label and flags."""
-
-    disposition_status: str
-    label: str
-    final: bool = False
-    do_not_call: bool = False
-    callback: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class EffectiveCatalog:
-    """The catalog that applies; `sub_tenant_id` is where it is defined (None: no catalog)."""
-
-    sub_tenant_id: str | None
-    dispositions: list[Disposition]
 
 
 async def effective_catalog(

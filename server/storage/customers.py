@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import NamedTuple
-
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory
+from server.records import CustomerState, CustomerStatusRecord
 from server.storage import as_utc
 
 # Hot-path statements are built once; only their parameters change per request.
@@ -18,14 +15,6 @@ _FIND_CUSTOMER = select(Customer.id, Customer.customer_id, Customer.disposition_
     Customer.sub_tenant_id == bindparam("sub_tenant_id"),
     Customer.customer_id == bindparam("customer_id"),
 )
-
-
-# The row records below are NamedTuples: a batch builds thousands of them, and a frozen
-# dataclass takes about three times as long to make.
-class CustomerState(NamedTuple):
-    pk: int
-    customer_id: str
-    disposition_status: str | None
 
 
 async def find_customer(
@@ -58,24 +47,16 @@ _FIND_STATUS = select(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerStatus:
-    customer_id: str
-    disposition_status: str | None
-    created_at: datetime
-    last_changed_at: datetime | None  # None: the status never changed
-
-
 async def find_status(
     conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, customer_id: str
-) -> CustomerStatus | None:
+) -> CustomerStatusRecord | None:
     """A customer's current status and when it last changed, in one statement (UTC times)."""
     params = {"tenant_id": tenant_id, "sub_tenant_id": sub_tenant_id, "customer_id": customer_id}
     row = (await conn.execute(_FIND_STATUS, params)).first()
     if row is None:
         return None
     customer_id_, status, created_at, last_changed_at = row
-    return CustomerStatus(
+    return CustomerStatusRecord(
         customer_id_,
         status,
         as_utc(created_at),

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory, FeedSequence, Partner
+from server.records import ChangeRecord
 from server.storage import as_utc
 
 _LAST_SEQS = select(FeedSequence.tenant_id, FeedSequence.last_seq).where(
     FeedSequence.tenant_id.in_(bindparam("tenant_ids", expanding=True))
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeRecord:
-    """One history row with the public ids it refers to."""
-
-    seq: int
-    id: int
-    customer_id: str
-    tenant_id: str
-    sub_tenant_id: str
-    previous_status: str | None
-    new_status: str | None
-    changed_at: datetime
-    source: str
-    partner_id: str
-    request_id: str
 
 
 async def last_cursors(conn: AsyncConnection, *, tenant_ids: Sequence[str]) -> dict[str, int]:

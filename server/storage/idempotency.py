@@ -1,32 +1,22 @@
 """Idempotency keys: the first reply to a request sent with an `Idempotency-Key`, per partner.
 
-Units of work store them with the changes they answer for (storage/units.py: KeyRecord); this
-module reads them back.
+Units of work store them with the changes they answer for (a Plan's KeyRecord); this module
+reads them back.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import IdempotencyRecord
+from server.records import StoredKey
 from server.storage import as_utc
 
 _K = IdempotencyRecord
 _FIND = select(_K.method, _K.fingerprint, _K.response, _K.created_at).where(
     _K.partner_pk == bindparam("partner_pk"), _K.key == bindparam("key")
 )
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    method: str
-    fingerprint: str
-    response: str  # the reply, as JSON
-    created_at: datetime
 
 
 async def find_key(conn: AsyncConnection, *, partner_pk: int, key: str) -> StoredKey | None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Select, bindparam, delete, exists, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import AccessVersion, Credential, Partner, TenantGrant
+from server.records import CredentialRecord, PartnerRecord
 
 WILDCARD = "*"
 
@@ -45,25 +45,6 @@ _FIND_CREDENTIAL_AND_GRANT = _FIND_CREDENTIAL.add_columns(
     .correlate(Partner)
     .label("granted")
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialRecord:
-    partner_pk: int
-    partner_id: str
-    enabled: bool
-    rate_limit_per_minute: int | None
-    secret_sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class PartnerRecord:
-    pk: int
-    partner_id: str
-    name: str
-    enabled: bool
-    rate_limit_per_minute: int | None
-    created_at: datetime
 
 
 _ACCESS_VERSION = select(AccessVersion.version).where(AccessVersion.id == 1)

@@ -29,11 +29,19 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from server.records import (
+    Change,
+    CustomerState,
+    Disposition,
+    EffectiveCatalog,
+    NewCall,
+    Plan,
+    Reads,
+    Scope,
+    Snapshot,
+    StoredKey,
+)
 from server.storage import as_utc, bulk, units
-from server.storage.catalogs import Disposition, EffectiveCatalog
-from server.storage.customers import CustomerState
-from server.storage.idempotency import StoredKey
-from server.storage.units import Plan, Reads, Snapshot
 
 T = TypeVar("T")
 
@@ -307,7 +315,7 @@ def write_statement(plan: Plan) -> tuple[str, list[Any]]:
     new = sorted(plan.new_customers)
     positions = {(n.tenant_id, n.sub_tenant_id, n.customer_id): i for i, n in enumerate(new, 1)}
 
-    def position(row: units.Change | units.NewCall) -> int | None:
+    def position(row: Change | NewCall) -> int | None:
         """A new customer's position in `new`; None for an existing one (named by its id)."""
         if row.customer_pk is not None:
             return None
@@ -383,15 +391,15 @@ def read_statement(reads: Reads, *, locked: bool) -> tuple[str, list[Any]]:
 
 
 def snapshot_of(reads: Reads, rows: list[asyncpg.Record]) -> Snapshot:
-    customers: dict[units.Scope, dict[str, CustomerState]] = {s: {} for s in reads.customers}
-    entries: dict[units.Scope, list[tuple[int, str, Disposition]]] = {}
+    customers: dict[Scope, dict[str, CustomerState]] = {s: {} for s in reads.customers}
+    entries: dict[Scope, list[tuple[int, str, Disposition]]] = {}
     existing_calls: set[str] = set()
     key: StoredKey | None = None
     for kind, n, a, b, c, d, e, f, g, h, at in rows:
         if kind == 0:
-            customers[units.Scope(a, b)][c] = CustomerState(n, c, d)
+            customers[Scope(a, b)][c] = CustomerState(n, c, d)
         elif kind == 1:
-            entries.setdefault(units.Scope(a, b), []).append((n, c, Disposition(d, e, f, g, h)))
+            entries.setdefault(Scope(a, b), []).append((n, c, Disposition(d, e, f, g, h)))
         elif kind == 2:
             existing_calls.add(c)
         else:

@@ -21,17 +21,10 @@ from sqlalchemy import CompoundSelect, Select, bindparam, func, literal, select,
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import Customer, DispositionHistory, StatusChangeHour, StatusCount
+from server.records import StatusCounts
 
 _CUSTOMERS, _CHANGES = 0, 1
 _HOUR = timedelta(hours=1)
-
-
-@dataclass(frozen=True, slots=True)
-class StatusCounts:
-    """Per status ("" for none): customers whose current status it is, changes that set it."""
-
-    customers: dict[str, int]
-    changes: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,12 +25,20 @@ from typing import Any, TypeVar
 
 from sqlalchemy.dialects import sqlite
 
+from server.records import (
+    CustomerState,
+    Disposition,
+    EffectiveCatalog,
+    KeyRecord,
+    KeyRef,
+    Plan,
+    Reads,
+    Scope,
+    Snapshot,
+    StoredKey,
+)
 from server.storage import as_utc, bulk, units
 from server.storage import catalogs as catalog_storage
-from server.storage.catalogs import Disposition, EffectiveCatalog
-from server.storage.customers import CustomerState
-from server.storage.idempotency import StoredKey
-from server.storage.units import Plan, Reads, Snapshot
 
 T = TypeVar("T")
 
@@ -187,7 +195,7 @@ def read(conn: sqlite3.Connection, reads: Reads) -> Snapshot:
     )
 
 
-def effective_catalog(conn: sqlite3.Connection, *, scope: units.Scope) -> EffectiveCatalog:
+def effective_catalog(conn: sqlite3.Connection, *, scope: Scope) -> EffectiveCatalog:
     """storage.catalogs.effective_catalog on this connection."""
     values = {**_EFFECTIVE_DEFAULTS, "tenant_id": scope[0], "sub_tenant_id": scope[1]}
     rows = conn.execute(_EFFECTIVE_SQL, [values[name] for name in _EFFECTIVE_ORDER]).fetchall()
@@ -201,7 +209,7 @@ def effective_catalog(conn: sqlite3.Connection, *, scope: units.Scope) -> Effect
 
 
 def find_customers(
-    conn: sqlite3.Connection, *, scope: units.Scope, customer_ids: Sequence[str]
+    conn: sqlite3.Connection, *, scope: Scope, customer_ids: Sequence[str]
 ) -> dict[str, CustomerState]:
     """The scope's customers among `customer_ids` (missing ones are absent)."""
     chunks = bulk.in_chunks(
@@ -216,7 +224,7 @@ def find_customers(
     }
 
 
-def find_key(conn: sqlite3.Connection, ref: units.KeyRef) -> StoredKey | None:
+def find_key(conn: sqlite3.Connection, ref: KeyRef) -> StoredKey | None:
     row = conn.execute(
         "SELECT method, fingerprint, response, created_at FROM idempotency_keys"
         " WHERE partner_pk = ? AND key = ?",
@@ -352,7 +360,7 @@ def _append_history(
     conn.executemany(INSERT_HISTORY_SQL, rows)
 
 
-def _store_key(conn: sqlite3.Connection, key: units.KeyRecord, at: str) -> None:
+def _store_key(conn: sqlite3.Connection, key: KeyRecord, at: str) -> None:
     """Store the key with its reply (taking over the expired record it replaces), then delete a
     few expired keys."""
     if key.replaces is None:

@@ -1,8 +1,10 @@
-"""Units of work: read, decide, write all or nothing. The write port that both engines implement.
+"""Units of work: read, decide, write all or nothing. The write port that both engines implement,
+and what both derive from a plan.
 
 Every write of the partner API (single updates in group commits, batch updates, batch-call
 ingestion) is one unit. The engine reads what `Reads` asks for, hands the `Snapshot` to the use
-case's `decide`, and writes the `Plan` that decide returns, atomically; `run` returns decide's
+case's `decide`, and writes the `Plan` that decide returns, atomically (these records live in
+server/records.py); `run` returns decide's
 result only after the commit. `decide` is pure: no I/O and no request context (it may run on
 the engine's thread, and more than once), and what it raises rolls the unit back.
 
@@ -20,127 +22,13 @@ hour; see `status_deltas` and `hour_deltas`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple, Protocol, TypeVar
 
-from server.storage.catalogs import EffectiveCatalog
-from server.storage.customers import CustomerState
-from server.storage.idempotency import StoredKey
+from server.records import Change, Plan, Reads, Snapshot
 
 T = TypeVar("T")
-
-
-class Scope(NamedTuple):
-    tenant_id: str
-    sub_tenant_id: str
-
-
-class KeyRef(NamedTuple):
-    """A partner's idempotency key."""
-
-    partner_pk: int
-    key: str
-
-
-@dataclass(slots=True)
-class Reads:
-    """What a unit reads before it decides."""
-
-    customers: Mapping[Scope, Sequence[str]] = field(default_factory=dict)  # ids per scope
-    catalogs: Sequence[Scope] = ()  # scopes whose catalog in force is needed
-    calls: tuple[int, Sequence[str]] | None = None  # (partner_pk, call ids): which exist
-    key: KeyRef | None = None
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """What the engine read: missing customers are absent, unread catalogs too."""
-
-    customers: dict[Scope, dict[str, CustomerState]]
-    catalogs: dict[Scope, EffectiveCatalog]
-    existing_calls: set[str]
-    key: StoredKey | None
-
-
-class Change(NamedTuple):
-    """One status change, a history row; `customer_pk` is None for a customer the plan creates."""
-
-    tenant_id: str
-    sub_tenant_id: str
-    customer_id: str
-    customer_pk: int | None
-    previous_status: str | None
-    new_status: str | None
-    source: str
-    partner_pk: int
-    request_id: str
-
-
-class NewCustomer(NamedTuple):
-    """A customer to create, with its status after the plan's changes."""
-
-    tenant_id: str
-    sub_tenant_id: str
-    customer_id: str
-    name: str | None
-    email: str | None
-    disposition_status: str | None
-
-
-class Profile(NamedTuple):
-    """Name and email of an existing customer to refresh (None leaves one as it is)."""
-
-    customer_pk: int
-    name: str | None
-    email: str | None
-
-
-class NewCall(NamedTuple):
-    """A row of `calls`; `customer_pk` is None for a customer the plan creates."""
-
-    partner_pk: int
-    call_id: str
-    customer_id: str
-    customer_pk: int | None
-    tenant_id: str
-    sub_tenant_id: str
-    recording_url: str
-    start_time: datetime
-    end_time: datetime
-    contact_number: str
-    agent_id: str
-    agent_email: str | None
-    agent_name: str | None
-    callback_url: str | None
-    metadata: dict[str, str]
-    custom_fields: list[dict[str, str]]
-    request_id: str
-
-
-class KeyRecord(NamedTuple):
-    """An idempotency key stored with the reply of the request that used it first."""
-
-    partner_pk: int
-    key: str
-    method: str
-    fingerprint: str
-    response: str
-    replaces: datetime | None  # created_at of the expired record it takes over; None: new
-    prune_before: datetime  # expired keys older than this are deleted (a few per record)
-
-
-@dataclass(slots=True)
-class Plan:
-    """What a unit writes, decided from a Snapshot; written whole or not at all."""
-
-    now: datetime
-    changes: list[Change] = field(default_factory=list)  # in order
-    new_customers: list[NewCustomer] = field(default_factory=list)
-    profiles: list[Profile] = field(default_factory=list)
-    calls: list[NewCall] = field(default_factory=list)
-    key: KeyRecord | None = None
 
 
 Decide = Callable[[Snapshot], "tuple[Plan | None, T]"]

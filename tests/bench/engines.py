@@ -32,6 +32,7 @@ from typing import Any
 
 from tests.bench import feed_batch, grpc_load, rest_load
 from tests.bench.stack import (
+    INGEST_SUB_TENANT,
     Topology,
     ceiling_for,
     cluster_topology,
@@ -115,7 +116,7 @@ def _ingest(topology: Topology, first: int) -> dict[str, Any]:
     before, cpu_before = topology.history_rows(), cpu_seconds(*topology.pids)
     run: dict[str, Any] = grpc_load.send_batches(
         topology.grpc_port, topology.partner, grpc_load.batches(first, first + INGEST_CALLS),
-        sub_tenant_id=topology.partner.ingest_sub_tenant_id,
+        sub_tenant_id=INGEST_SUB_TENANT,
     )  # fmt: skip
     run["server_cpu_us_per_call"] = _us(cpu_seconds(*topology.pids) - cpu_before, INGEST_CALLS)
     run["history_rows_match"] = topology.history_rows() - before == INGEST_CALLS

@@ -22,13 +22,13 @@ from typing import Any
 
 import grpc
 
+from devstack import Credentials
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from tests.bench.grpc_load import customer_id
-from tests.bench.stack import Partner
 
 
-def _metadata(partner: Partner, **extra: str) -> tuple[tuple[str, str], ...]:
+def _metadata(partner: Credentials, **extra: str) -> tuple[tuple[str, str], ...]:
     return tuple({**partner.headers(), **extra}.items())
 
 
@@ -48,7 +48,12 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 
 
 async def _feed_latency(
-    watch_port: int, write_port: int, partner: Partner, customers: int, updates: int, rate: float
+    watch_port: int,
+    write_port: int,
+    partner: Credentials,
+    customers: int,
+    updates: int,
+    rate: float,
 ) -> dict[str, float]:
     acked: dict[str, float] = {}
     seen: dict[str, float] = {}
@@ -95,14 +100,14 @@ async def _feed_latency(
 
 
 def feed_latency(
-    *, watch_port: int, write_port: int, partner: Partner, customers: int, updates: int = 300,
+    *, watch_port: int, write_port: int, partner: Credentials, customers: int, updates: int = 300,
     rate: float = 50.0,
 ) -> dict[str, float]:  # fmt: skip
     return asyncio.run(_feed_latency(watch_port, write_port, partner, customers, updates, rate))
 
 
 async def _batch_updates(
-    port: int, partner: Partner, customers: int, seconds: float, clients: int
+    port: int, partner: Credentials, customers: int, seconds: float, clients: int
 ) -> dict[str, float]:
     changed = 0
     batches = 0
@@ -150,7 +155,7 @@ async def _batch_updates(
 
 
 def batch_updates(
-    *, port: int, partner: Partner, customers: int, seconds: float = 5.0, clients: int = 2
+    *, port: int, partner: Credentials, customers: int, seconds: float = 5.0, clients: int = 2
 ) -> dict[str, float]:
     return asyncio.run(_batch_updates(port, partner, customers, seconds, clients))
 
@@ -164,7 +169,7 @@ FEED_P50_MAX_MS, FEED_P99_MAX_MS = 10.0, 50.0
 
 
 def feed_suite(
-    pairs: dict[str, tuple[int, int]], partner: dict[str, Partner], customers: int, repeats: int
+    pairs: dict[str, tuple[int, int]], partner: dict[str, Credentials], customers: int, repeats: int
 ) -> dict[str, Any]:
     """Commit-acknowledged -> watcher latency for each (watch port, write port) pair, `repeats`
     runs each; checks the cross-replica PostgreSQL pair ("postgres_other_replica")."""

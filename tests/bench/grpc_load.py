@@ -24,11 +24,11 @@ from pathlib import Path
 
 import grpc
 
+from devstack import Credentials
 from disposition.v1 import call_ingestion_service_pb2 as ingestion_pb2
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
-from tests.bench.stack import Partner
 
 UPDATE_PATH = "/disposition.v1.DispositionService/UpdateDispositionStatus"
 BATCH_SIZE = 1000
@@ -65,7 +65,7 @@ def batches(start: int, stop: int) -> list[ingestion_pb2.IngestBatchCallsRequest
     ]
 
 
-def ingest(port: int, partner: Partner, customers: int, clients: int = 2) -> dict[str, float]:
+def ingest(port: int, partner: Credentials, customers: int, clients: int = 2) -> dict[str, float]:
     """Create `customers` customers through IngestBatchCalls, 1,000 per request, `clients`
     requests in flight (built beforehand, so that the client's own protobuf work is not timed
     as the server's); calls/s counts replies, each sent after its batch committed."""
@@ -74,7 +74,7 @@ def ingest(port: int, partner: Partner, customers: int, clients: int = 2) -> dic
 
 def send_batches(
     port: int,
-    partner: Partner,
+    partner: Credentials,
     requests: list[ingestion_pb2.IngestBatchCallsRequest],
     clients: int = 2,
     *,
@@ -110,7 +110,7 @@ def send_batches(
     }
 
 
-def sample_update(port: int, partner: Partner, status: str, id_digits: int = 5) -> str:
+def sample_update(port: int, partner: Credentials, status: str, id_digits: int = 5) -> str:
     """One real UpdateDispositionStatus with grpcio: "OK", or the gRPC code and message."""
     request = disposition_pb2.UpdateDispositionStatusRequest(
         customer_id=customer_id(0, id_digits), disposition_status=status
@@ -181,7 +181,7 @@ _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 def run_h2load(
     *,
     port: int,
-    partner: Partner,
+    partner: Credentials,
     connections: int,
     seconds: int,
     workdir: Path,

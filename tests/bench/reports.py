@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from devstack import Credentials
 from server.db import Database
 from server.settings import Settings
 from server.storage import reports
-from tests.bench.stack import Partner, Topology, cluster_topology, single_topology
+from tests.bench.stack import Topology, cluster_topology, single_topology
 from tests.support import sql
 
 P50_MAX_MS = 20.0  # issue 13
@@ -112,7 +113,9 @@ def seed_postgres(url: str, customers: int, start: datetime, tenant: tuple[str, 
     sql(url, "ANALYZE")
 
 
-def _summary(port: int, partner: Partner, window: dict[str, str]) -> tuple[float, dict[str, Any]]:
+def _summary(
+    port: int, partner: Credentials, window: dict[str, str]
+) -> tuple[float, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         path = PATH + ("?" + urlencode(window) if window else "")
@@ -128,7 +131,7 @@ def _summary(port: int, partner: Partner, window: dict[str, str]) -> tuple[float
     return elapsed * 1000, json.loads(body)["data"]
 
 
-def _latencies(port: int, partner: Partner, window: dict[str, str]) -> dict[str, Any]:
+def _latencies(port: int, partner: Credentials, window: dict[str, str]) -> dict[str, Any]:
     for _ in range(10):  # warm-up
         _summary(port, partner, window)
     samples = sorted(_summary(port, partner, window)[0] for _ in range(CALLS))

@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.bench.stack import Partner
+from devstack import Credentials
 
 SCRIPT = Path(__file__).with_name("update.lua")
 REST_PATH = "/api/v1/partner/ingest/disposition-status"
@@ -15,7 +15,7 @@ REST_PATH = "/api/v1/partner/ingest/disposition-status"
 def run_wrk(
     *,
     http_port: int,
-    partner: Partner,
+    partner: Credentials,
     connections: int,
     seconds: int,
     threads: int,

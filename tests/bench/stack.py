@@ -6,7 +6,7 @@ Two topologies: `single` (one server on a fresh SQLite file, Envoy in front) and
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import secrets
 import sqlite3
@@ -15,121 +15,76 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import redis
 from sqlalchemy.engine import make_url
 
-from gateway.envoy_process import EnvoyPorts, run_envoy
-from gateway.processes import stop_process
-from gateway.stack import wait_serving
-from tests.support import free_port, sql
+import devstack.server
+from devstack import Credentials, EnvoyPorts, ServerProcess, Stack, onboard, run_envoy, start_stack
+from server.db import Database
+from server.settings import Settings
+from tests.support import sql
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@dataclass(frozen=True)
-class Partner:
-    """The bench partner's credentials and the tenant it acts for."""
-
-    api_key: str
-    api_secret: str
-    tenant_id: str = "bench-tenant"
-    sub_tenant_id: str = "bench-sub"
-    # The ingestion suite's customers: beside the update load's, not among them.
-    ingest_sub_tenant_id: str = "bench-ingest"
-
-    def headers(self) -> dict[str, str]:
-        return {
-            "x-api-key": self.api_key,
-            "x-api-secret": self.api_secret,
-            "x-tenant-id": self.tenant_id,
-            "x-sub-tenant-id": self.sub_tenant_id,
-        }
-
-
-@contextmanager
-def child(
-    argv: Sequence[str], *, env: dict[str, str], log: IO[bytes]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process that is stopped when the block exits, however it exits."""
-    proc = subprocess.Popen(list(argv), env=env, stdout=log, stderr=log, cwd=REPO)
-    try:
-        yield proc
-    finally:
-        stop_process(proc, grace=15)
+TENANT, SUB_TENANT = "bench-tenant", "bench-sub"
+# The ingestion suite's customers: beside the update load's, not among them.
+INGEST_SUB_TENANT = "bench-ingest"
 
 
 def database_env(db_path: Path) -> dict[str, str]:
     return {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{db_path}"}
 
 
-def admin(env: dict[str, str], *args: str) -> dict[str, str]:
-    """Run `disposition-admin` and return its JSON output."""
-    done = subprocess.run(
-        [str(BIN / "disposition-admin"), *args], env=env, cwd=REPO, capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"disposition-admin {' '.join(args)}: {done.stderr.decode()}")
-    result: dict[str, str] = json.loads(done.stdout)
-    return result
+def create_partner(database_url: str) -> Credentials:
+    """Migrate the database; the bench partner, with a rate limit far above anything this
+    machine can send, acting for TENANT/SUB_TENANT (and granted INGEST_SUB_TENANT)."""
 
-
-def create_partner(env: dict[str, str]) -> Partner:
-    """The bench partner with a rate limit far above anything this machine can send."""
-    issued = admin(env, "partner", "create", "--partner-id", "bench", "--name", "Bench",
-                   "--rate-limit-per-minute", "100000000")  # fmt: skip
-    partner = Partner(issued["api_key"], issued["api_secret"])
-    for sub_tenant_id in (partner.sub_tenant_id, partner.ingest_sub_tenant_id):
-        admin(env, "grant", "--partner-id", "bench", "--tenant-id", partner.tenant_id,
-              "--sub-tenant-id", sub_tenant_id)  # fmt: skip
-    return partner
-
-
-@contextmanager
-def _serving(
-    argv: list[str], env: dict[str, str], port: int, log_path: Path, what: str
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A child gRPC server, yielded once its health service says SERVING on `port`."""
-    with log_path.open("ab") as log, child(argv, env=env, log=log) as proc:
+    async def go() -> Credentials:
+        db = Database(Settings(database_url=database_url, grpc_port=0))
         try:
-            wait_serving(proc, port)
-        except (RuntimeError, TimeoutError) as exc:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{what}: {exc}; its log ends with:\n{tail}") from None
-        yield proc, port
+            await db.create_schema()
+            return await onboard(
+                db, "bench", grants=[(TENANT, SUB_TENANT), (TENANT, INGEST_SUB_TENANT)],
+                rate_limit_per_minute=100_000_000,
+            )  # fmt: skip
+        finally:
+            await db.dispose()
+
+    return asyncio.run(go())
 
 
-SERVER = (str(BIN / "disposition-server"),)
+SERVER = devstack.server.SERVER
 # The server without the summary's counters (tests/bench/no_counters_server.py): what they cost.
 NO_COUNTERS_SERVER = (sys.executable, "-m", "tests.bench.no_counters_server")
 # The server that answers an update once validated, before storage: the per-stage table.
 STAGE_SERVER = (sys.executable, "-m", "tests.bench.stage_server")
+# The ceiling: a server whose update does no work at all (noop_server.py).
+NOOP_SERVER = (sys.executable, "-m", "tests.bench.noop_server")
 
 
 @contextmanager
 def grpc_server(
     env: dict[str, str], log_path: Path, argv: Sequence[str] = SERVER
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`disposition-server` (or `argv`) on a free port, yielded once its health service says
-    SERVING."""
-    port = free_port()
-    server_env = {**env, "GRPC_PORT": str(port), "LOG_LEVEL": "WARNING"}
-    with _serving(list(argv), server_env, port, log_path, "disposition-server") as started:
-        yield started
+    """`disposition-server` (or `argv`) on a free port, yielded once it logged "serving"."""
+    server = ServerProcess(None, log_path, argv=argv, **{**env, "LOG_LEVEL": "WARNING"})
+    server.start()
+    try:
+        assert server.process is not None
+        yield server.process, server.port
+    finally:
+        server.stop()
 
 
-@contextmanager
-def noop_server(log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The ceiling's no-op server (noop_server.py) on a free port, yielded once SERVING."""
-    port = free_port()
-    argv = [sys.executable, "-m", "tests.bench.noop_server", "--port", str(port)]
-    with _serving(argv, dict(os.environ), port, log_path, "no-op server") as started:
-        yield started
+def noop_server(log_path: Path) -> AbstractContextManager[tuple[subprocess.Popen[bytes], int]]:
+    """The ceiling's no-op server on a free port, yielded once it logged "serving"."""
+    return grpc_server(dict(os.environ), log_path, NOOP_SERVER)
 
 
 def ensure_running(
@@ -231,7 +186,7 @@ class Topology:
     name: str
     description: str
     env: dict[str, str]
-    partner: Partner
+    partner: Credentials
     servers: list[subprocess.Popen[bytes]]
     server_ports: list[int]
     envoy: EnvoyPorts
@@ -241,6 +196,10 @@ class Topology:
     @property
     def pids(self) -> list[int]:
         return [server.pid for server in self.servers]
+
+
+def _processes(running: Stack) -> list[subprocess.Popen[bytes]]:
+    return [server.process for server in running.servers if server.process is not None]
 
 
 def single_topology(
@@ -253,15 +212,17 @@ def single_topology(
     `seed` gets the database file after the bench partner is made, before the server starts."""
     db = workdir / "bench.db"
     env = database_env(db)
-    partner = create_partner(env)
+    partner = create_partner(env["DATABASE_URL"])
     if seed is not None:
         seed(db)
-    server, port = stack.enter_context(grpc_server(env, workdir / "server.log", argv))
-    envoy = stack.enter_context(run_envoy(grpc_port=port, log_path=workdir / "envoy.log"))
+    running = stack.enter_context(start_stack(
+        env["DATABASE_URL"], workdir=workdir, argv=argv, server_env={"LOG_LEVEL": "WARNING"}
+    ))  # fmt: skip
     return Topology(
         "single",
         "fresh SQLite file (WAL), SQLITE_SYNCHRONOUS=FULL (server default), in-process rate limits",
-        env, partner, [server], [port], envoy, port, lambda: history_rows(db),
+        env, partner, _processes(running), running.server_ports, running.envoy,
+        running.grpc_port, lambda: history_rows(db),
     )  # fmt: skip
 
 
@@ -294,16 +255,14 @@ def cluster_topology(
                 client.delete(*keys)
 
     stack.callback(cleanup)  # runs after every child below has stopped
-    admin(env, "migrate")
-    partner = create_partner(env)
+    partner = create_partner(schema_url)  # migrates the schema first
     if seed is not None:
         seed(schema_url)
-    started = [
-        stack.enter_context(grpc_server(env, workdir / f"server{i}.log", argv))
-        for i in range(replicas)
-    ]
-    ports = [port for _, port in started]
-    envoy = stack.enter_context(run_envoy(grpc_port=ports, log_path=workdir / "envoy.log"))
+    running = stack.enter_context(start_stack(
+        schema_url, workdir=workdir, replicas=[{}] * replicas, argv=argv,
+        server_env={"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": prefix, "LOG_LEVEL": "WARNING"},
+    ))  # fmt: skip
+    ports = running.server_ports
 
     def count() -> int:
         return int(sql(schema_url, "SELECT count(*) FROM disposition_history")[0][0])
@@ -312,8 +271,8 @@ def cluster_topology(
         "cluster",
         f"{replicas} replica(s) on PostgreSQL ({make_url(database_url).host}, schema {tag}), "
         "rate limits in Redis",
-        env, partner, [server for server, _ in started], ports, envoy,
-        ports[0] if replicas == 1 else envoy.http_port, count,
+        env, partner, _processes(running), ports, running.envoy,
+        ports[0] if replicas == 1 else running.http_port, count,
     )  # fmt: skip
 
 

@@ -12,11 +12,14 @@ Lives under tests/, never in server/.
 from __future__ import annotations
 
 from server.db import Database
-from server.domain import dispositions
 from server.main import main
+from server.records import Caller
+from server.usecases import dispositions
 
 
-async def _validated(db: Database, *, customer_id: str, disposition_status: str | None) -> bool:
+async def _validated(
+    db: Database, *, caller: Caller, customer_id: str, disposition_status: str | None
+) -> bool:
     dispositions.validate_update(customer_id, disposition_status)
     return False
 

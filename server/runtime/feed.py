@@ -22,11 +22,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server import context
 from server.db import Database
 from server.errors import ServiceUnavailable, ValidationFailed
+from server.records import Caller, ChangeRecord
 from server.storage import history
-from server.storage.history import ChangeRecord
 
 log = logging.getLogger("disposition.feed")
 
@@ -84,16 +83,17 @@ class FeedHub:
         if self._listener is not None:
             await self._listener.close()
 
-    async def watch(self, *, after_cursor: int, start_at_latest: bool) -> AsyncIterator[FeedBatch]:
+    async def watch(
+        self, *, caller: Caller, after_cursor: int, start_at_latest: bool
+    ) -> AsyncIterator[FeedBatch]:
         """The caller's tenant's changes after `after_cursor`, forever; heartbeats when idle.
 
-        `x-sub-tenant-id: *` watches every sub-tenant of the tenant, else only that sub-tenant.
+        Sub-tenant `*` (`x-sub-tenant-id: *`) watches every sub-tenant of the tenant, else only
+        the caller's sub-tenant.
         """
         if after_cursor < 0:
             raise ValidationFailed([("after_cursor", "after_cursor must not be less than 0")])
-        ctx = context.get()
-        tenant_id, sub_tenant_id = ctx.tenant_id, ctx.sub_tenant_id
-        assert tenant_id is not None and sub_tenant_id is not None
+        tenant_id, sub_tenant_id = caller.scope
         only = None if sub_tenant_id == ALL_SUB_TENANTS else sub_tenant_id
         self._watchers[tenant_id] += 1
         self._connected += 1

@@ -1,4 +1,4 @@
-"""Child processes of the launchers (make run, tests, bench): tied to us, stopped in order."""
+"""Child processes of the dev stack: tied to the launcher (they die with it), stopped in order."""
 
 from __future__ import annotations
 

@@ -29,10 +29,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from server.db import Database
-from server.domain import catalogs
 from server.errors import CustomerNotFound, ServiceError
-from server.storage.customers import CustomerState
-from server.storage.units import Change, Plan, Reads, Scope, Snapshot
+from server.records import Change, CustomerState, Plan, Reads, Scope, Snapshot
+from server.rules import catalogs
 
 # At most this many updates per unit.
 MAX_GROUP = 500

@@ -1,4 +1,4 @@
-"""Batch call ingestion: stores calls and creates (or refreshes) their customers."""
+"""A partner ingests a batch of calls: stores them and creates (or refreshes) their customers."""
 
 from __future__ import annotations
 
@@ -7,12 +7,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server import context
 from server.db import Database
-from server.domain import catalogs, idempotency, validation
 from server.errors import ValidationFailed
-from server.storage.customers import CustomerState
-from server.storage.units import Change, NewCall, NewCustomer, Plan, Profile, Reads, Scope, Snapshot
+from server.records import (
+    Caller,
+    Change,
+    CustomerState,
+    NewCall,
+    NewCustomer,
+    Plan,
+    Profile,
+    Reads,
+    Scope,
+    Snapshot,
+)
+from server.rules import catalogs, validation
+from server.usecases import idempotency
+from server.usecases.catalogs import load_catalog
 
 MAX_BATCH = 1000
 SOURCE_BATCH_CALL = "batch_call"
@@ -161,7 +172,11 @@ def _validate_item(
 
 
 async def ingest_batch(
-    db: Database, *, items: Sequence[BatchItem], idempotency_key: str | None = None
+    db: Database,
+    *,
+    caller: Caller,
+    items: Sequence[BatchItem],
+    idempotency_key: str | None = None,
 ) -> idempotency.Result[BatchOutcome]:
     """Validate everything, then store every new call in one unit of work.
 
@@ -169,10 +184,8 @@ async def ingest_batch(
     itself; any problem rejects the whole batch. With an idempotency key, a repeated request
     gets the stored outcome of the first one, which commits with the batch.
     """
-    ctx = context.get()
-    assert ctx.partner_pk is not None and ctx.tenant_id and ctx.sub_tenant_id
-    scope = Scope(ctx.tenant_id, ctx.sub_tenant_id)
-    request = idempotency.prepare(idempotency_key, method=METHOD, payload=items)
+    scope = caller.scope
+    request = idempotency.prepare(idempotency_key, caller=caller, method=METHOD, payload=items)
     decode = BatchOutcome.from_json
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
@@ -181,15 +194,14 @@ async def ingest_batch(
     except ValidationFailed:
         # Name the statuses the catalog refuses in the same reply (nothing is written here).
         async with db.read() as conn:
-            catalog = await catalogs.load(conn, tenant_id=scope[0], sub_tenant_id=scope[1])
+            catalog = await load_catalog(conn, tenant_id=scope[0], sub_tenant_id=scope[1])
         if catalog.restricted:
             validate_batch(items, catalog)
         raise
-    who = _Who(ctx.partner_pk, ctx.request_id)
     reads = Reads(
         customers={scope: [item.customer.id for item in items if item.customer is not None]},
         catalogs=[scope],
-        calls=(ctx.partner_pk, [item.call.id for item in items if item.call is not None]),
+        calls=(caller.partner_pk, [item.call.id for item in items if item.call is not None]),
         key=idempotency.ref(request),
     )
 
@@ -197,19 +209,11 @@ async def ingest_batch(
         if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
             return None, replayed
         now = datetime.now(UTC)
-        plan, outcome = plan_batch(items, times, scope, snapshot, who, now)
+        plan, outcome = plan_batch(items, times, scope, snapshot, caller, now)
         plan.key = idempotency.record(request, outcome, snapshot.key, now)
         return plan, idempotency.Result(outcome)
 
     return await db.units.run(reads, decide)
-
-
-@dataclass(frozen=True, slots=True)
-class _Who:
-    """Who ingests: what the calls and the history rows record."""
-
-    partner_pk: int
-    request_id: str
 
 
 def plan_batch(
@@ -217,11 +221,12 @@ def plan_batch(
     times: list[tuple[datetime, datetime]],
     scope: Scope,
     snapshot: Snapshot,
-    who: _Who,
+    who: Caller,
     now: datetime,
 ) -> tuple[Plan, BatchOutcome]:
     """What storing a valid batch writes, and its outcome (pure; raises ValidationFailed for a
-    status the catalog in force refuses)."""
+    status the catalog in force refuses). `who`: whose partner and request id the calls and the
+    history rows record."""
     catalogs.in_force(snapshot.catalogs[scope]).require(
         (f"data[{index}].customer.disposition_status", item.customer.disposition_status)
         for index, item in enumerate(items)
@@ -280,7 +285,7 @@ def _status_changes(
     fresh: Sequence[tuple[int, BatchItem]],
     known: dict[str, CustomerState],
     scope: Scope,
-    who: _Who,
+    who: Caller,
 ) -> dict[str, str | None]:
     """Apply the items' statuses in order, one change per real transition, into `plan`; each
     touched customer's resulting status (a new customer starts without one)."""
@@ -307,7 +312,7 @@ def _call_row(
     item: BatchItem,
     known: dict[str, CustomerState],
     times: tuple[datetime, datetime],
-    who: _Who,
+    who: Caller,
     scope: Scope,
 ) -> NewCall:
     call, agent, customer = item.call, item.agent, item.customer

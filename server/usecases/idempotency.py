@@ -4,15 +4,15 @@ Like Stripe's: keys are per partner and kept for 24 hours; only a request that e
 successfully stores its outcome (a rejected one can be fixed and sent again under the same
 key); the same key with another body, tenant or endpoint is refused.
 
-A write operation uses it in three steps, with the same `decode` for both replay paths:
+A write use case uses it in three steps, with the same `decode` for both replay paths:
 
-    request = idempotency.prepare(raw_key, method=METHOD, payload=items)
+    request = idempotency.prepare(raw_key, caller=caller, method=METHOD, payload=items)
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed                            # before validation: no write at all
     ...validate...
     reads = Reads(..., key=idempotency.ref(request))
 
-    def decide(snapshot):                          # the unit of work (storage/units.py)
+    def decide(snapshot):                          # the unit of work (storage.units.Units)
         if (replayed := idempotency.replayed(snapshot.key, request, decode)) is not None:
             return None, replayed                  # a concurrent twin committed first
         ...build the plan and the outcome (a dataclass)...
@@ -36,12 +36,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from server import context
 from server.db import Database
 from server.errors import IdempotencyKeyReused, InvalidIdempotencyKey
+from server.records import Caller, KeyRecord, KeyRef, StoredKey
 from server.storage import idempotency as keys
-from server.storage.idempotency import StoredKey
-from server.storage.units import KeyRecord, KeyRef
 
 HEADER = "idempotency-key"  # request metadata / HTTP header `Idempotency-Key`
 REPLAYED_HEADER = "idempotent-replayed"  # response metadata / HTTP header, "true" on a replay
@@ -103,8 +101,10 @@ def _plain(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def prepare(raw_key: str | None, *, method: str, payload: object) -> IdempotentRequest | None:
-    """The calling partner's keyed request, or None without a key (raises on a malformed key).
+def prepare(
+    raw_key: str | None, *, caller: Caller, method: str, payload: object
+) -> IdempotentRequest | None:
+    """The caller's keyed request, or None without a key (raises on a malformed key).
 
     The fingerprint covers the method, the tenant and sub-tenant, and `payload`: the
     operation's whole domain input.
@@ -112,10 +112,8 @@ def prepare(raw_key: str | None, *, method: str, payload: object) -> IdempotentR
     key = parse_key(raw_key)
     if key is None:
         return None
-    ctx = context.get()
-    assert ctx.partner_pk is not None
-    scoped = {"tenant_id": ctx.tenant_id, "sub_tenant_id": ctx.sub_tenant_id, "body": payload}
-    return IdempotentRequest(ctx.partner_pk, key, method, fingerprint(method, scoped))
+    scoped = {"tenant_id": caller.tenant_id, "sub_tenant_id": caller.sub_tenant_id, "body": payload}
+    return IdempotentRequest(caller.partner_pk, key, method, fingerprint(method, scoped))
 
 
 async def replay(

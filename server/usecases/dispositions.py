@@ -1,13 +1,13 @@
-"""Updating a customer's disposition status."""
+"""A partner updates one customer's disposition status."""
 
 from __future__ import annotations
 
-from server import context
 from server.db import Database
-from server.domain import update_groups, validation
 from server.errors import CustomerNotFound, ValidationFailed
+from server.records import Caller
+from server.rules import validation
+from server.runtime import update_groups
 from server.storage import customers
-from server.storage.units import Scope
 
 SOURCE_UPDATE = "disposition_update"
 
@@ -21,7 +21,7 @@ def validate_update(customer_id: str, disposition_status: str | None) -> None:
 
 
 async def update_disposition_status(
-    db: Database, *, customer_id: str, disposition_status: str | None
+    db: Database, *, caller: Caller, customer_id: str, disposition_status: str | None
 ) -> bool:
     """Apply one update for the caller's tenant; True if the status changed.
 
@@ -30,13 +30,13 @@ async def update_disposition_status(
     commit together before this returns.
     """
     validate_update(customer_id, disposition_status)
-    ctx = context.get()
-    tenant_id, sub_tenant_id, partner_pk = ctx.tenant_id, ctx.sub_tenant_id, ctx.partner_pk
-    assert tenant_id is not None and sub_tenant_id is not None and partner_pk is not None
     if disposition_status is None:
         async with db.read() as conn:
             found = await customers.find_customer(
-                conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_id=customer_id
+                conn,
+                tenant_id=caller.tenant_id,
+                sub_tenant_id=caller.sub_tenant_id,
+                customer_id=customer_id,
             )
         if found is None:
             raise CustomerNotFound(customer_id)
@@ -44,11 +44,11 @@ async def update_disposition_status(
     groups = update_groups.groups_of(db)
     return await groups.submit(
         groups.update(
-            Scope(tenant_id, sub_tenant_id),
+            caller.scope,
             customer_id,
             disposition_status or None,
-            partner_pk,
-            ctx.request_id,
+            caller.partner_pk,
+            caller.request_id,
             SOURCE_UPDATE,
         )
     )

@@ -1,7 +1,7 @@
-"""Managing partners: onboarding, grants, secrets. Used by the admin CLI.
+"""An operator (the admin CLI) manages partners: onboarding, grants, secrets.
 
 Every change moves the access version in its own transaction, so that servers drop the
-credentials and grants they cache (server.domain.access_cache)."""
+credentials and grants they cache (server.runtime.access_cache)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import Database
-from server.domain.credentials import hash_secret, new_api_key, new_api_secret
+from server.records import PartnerRecord
+from server.rules.credentials import hash_secret, new_api_key, new_api_secret
 from server.storage import partners
-from server.storage.partners import PartnerRecord
 
 
 class PartnerExists(Exception):

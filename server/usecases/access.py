@@ -1,4 +1,5 @@
-"""Who may call: authentication of a partner and its grant for a tenant."""
+"""Who may call: a partner's authentication and its grant for a tenant, checked for every RPC
+by the interceptor (server/interceptors.py) with the access cache in front of the database."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 from server.db import Database
-from server.domain.access_cache import AccessCache
-from server.domain.credentials import secret_matches
 from server.errors import Forbidden, SubTenantIdRequired, TenantIdRequired
+from server.records import CredentialRecord
+from server.rules.credentials import secret_matches
+from server.runtime.access_cache import AccessCache
 from server.storage import partners
-from server.storage.partners import CredentialRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ async def authenticate(
 
     With both tenant headers, the partner's grant for them is read in the same statement
     (Principal.grant), so that authorize_tenant needs no second read. With a cache, a
-    credential and grant read before are not read again (see server.domain.access_cache).
+    credential and grant read before are not read again (see server.runtime.access_cache).
     """
     found = authenticate_cached(
         cache, api_key=api_key, api_secret=api_secret, partner_id=partner_id, tenant=tenant

@@ -1,4 +1,4 @@
-"""Reads for partners: a customer's status, its history page by page, the tenant's summary."""
+"""A partner reads: a customer's status, its history page by page, the tenant's summary."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from server import context
 from server.db import Database
-from server.domain import validation
 from server.errors import CustomerNotFound, ValidationFailed
+from server.records import Caller, ChangeRecord
+from server.rules import validation
 from server.storage import customers, history, reports
-from server.storage.history import ChangeRecord
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -60,19 +59,13 @@ class Summary:
     generated_at: datetime
 
 
-def _scope() -> tuple[str, str]:
-    ctx = context.get()
-    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
-    return ctx.tenant_id, ctx.sub_tenant_id
-
-
-async def get_status(db: Database, *, customer_id: str) -> CustomerStatus:
+async def get_status(db: Database, *, caller: Caller, customer_id: str) -> CustomerStatus:
     """The customer's current status in the caller's tenant and sub-tenant."""
     violations: validation.Violations = []
     validation.required_text(violations, "customer_id", customer_id)
     if violations:
         raise ValidationFailed(violations)
-    tenant_id, sub_tenant_id = _scope()
+    tenant_id, sub_tenant_id = caller.scope
     async with db.read() as conn:
         found = await customers.find_status(
             conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_id=customer_id
@@ -87,10 +80,10 @@ async def get_status(db: Database, *, customer_id: str) -> CustomerStatus:
 
 
 async def list_history(
-    db: Database, *, customer_id: str, page_size: int, page_token: str
+    db: Database, *, caller: Caller, customer_id: str, page_size: int, page_token: str
 ) -> HistoryPage:
     """One page of the customer's changes, newest first; the token continues the listing."""
-    tenant_id, sub_tenant_id = _scope()
+    tenant_id, sub_tenant_id = caller.scope
     listing = _listing_digest(tenant_id, sub_tenant_id, customer_id)
     violations: validation.Violations = []
     validation.required_text(violations, "customer_id", customer_id)
@@ -154,7 +147,7 @@ def _decode_token(token: str, listing: bytes) -> int | None:
     return int(last_id)
 
 
-async def get_summary(db: Database, *, window_from: str, window_to: str) -> Summary:
+async def get_summary(db: Database, *, caller: Caller, window_from: str, window_to: str) -> Summary:
     """Customers by current status and the changes made in `[from, to)` (empty: open)."""
     violations: validation.Violations = []
     start = validation.utc_timestamp(violations, "from", window_from) if window_from else None
@@ -163,7 +156,7 @@ async def get_summary(db: Database, *, window_from: str, window_to: str) -> Summ
         violations.append(("to", "to must be after from"))
     if violations:
         raise ValidationFailed(violations)
-    tenant_id, sub_tenant_id = _scope()
+    tenant_id, sub_tenant_id = caller.scope
     async with db.read() as conn:
         counts = await reports.status_counts(
             conn,

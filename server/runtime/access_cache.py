@@ -1,11 +1,11 @@
 """Credentials and tenant grants cached in memory, dropped as soon as the access version moves.
 
-Authentication used to cost a database read on every request. Here the credential of an API key
-and a partner's grant for a tenant are kept after the first read. They are trusted only while:
+The credential of an API key and a partner's grant for a tenant are kept after the first read,
+so that authentication costs no database read. They are trusted only while:
 
 - the entry is younger than `ttl_seconds` (a safety net; the version poll does the real work);
 - this process has read the access version (`access_version`, moved by every partner, credential
-  or grant change, see server.domain.partners) within `stale_after_seconds`. A poller reads it
+  or grant change, see server.usecases.partners) within `stale_after_seconds`. A poller reads it
   every `poll_seconds` and empties the cache when it moved, so a revoked, rotated or disabled
   credential (or a withdrawn grant) stops working everywhere within one poll period. If the
   poll cannot reach the database, the cache stops being trusted and every request reads again.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from server.db import Database
+from server.records import CredentialRecord
 from server.storage import partners
-from server.storage.partners import CredentialRecord
 
 log = logging.getLogger("disposition.access")
 

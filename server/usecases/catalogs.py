@@ -1,31 +1,26 @@
-"""Disposition catalogs: which statuses a tenant, or one of its sub-tenants, accepts.
+"""Disposition catalogs: a partner lists the one in force; an operator (the admin CLI) defines,
+reads and clears them.
 
-A tenant may define a tenant-wide catalog (sub-tenant `*`) and any sub-tenant its own, which
-replaces the tenant-wide one for that sub-tenant. Without either, any status is accepted. The
-empty status (clear) and an omitted one (unchanged) are always accepted. Writers read the
-catalog with `load()` inside their own write transaction, so a status is checked against the
-catalog that is in force when the change commits.
+What a catalog allows is a rule (server/rules/catalogs.py); this module reads and writes them.
+A catalog definition (the admin CLI's JSON file) is checked here, by `parse_definitions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server import context
 from server.db import Database
-from server.domain import validation
-from server.errors import ValidationFailed
+from server.records import TENANT_WIDE as TENANT_WIDE  # the admin CLI's vocabulary
+from server.records import Caller
+from server.records import Disposition as Disposition
+from server.rules import validation
+from server.rules.catalogs import Catalog, in_force
 from server.storage import catalogs
-from server.storage.catalogs import TENANT_WIDE as TENANT_WIDE
-from server.storage.catalogs import Disposition as Disposition
 
 MAX_ENTRIES = 500
-SCOPE_SUB_TENANT, SCOPE_TENANT, SCOPE_NONE = "sub_tenant", "tenant", ""
 _FLAGS = ("final", "do_not_call", "callback")
 _KEYS = frozenset({"disposition_status", "label", *_FLAGS})
 
@@ -34,60 +29,18 @@ class InvalidCatalog(ValueError):
     """A catalog definition (e.g. the admin CLI's file) breaks the rules."""
 
 
-@dataclass(frozen=True, slots=True)
-class Catalog:
-    """The catalog in force for a tenant and sub-tenant; `scope` says where it comes from."""
-
-    scope: str
-    dispositions: tuple[Disposition, ...]
-
-    @property
-    def restricted(self) -> bool:
-        return bool(self.dispositions)
-
-    @property
-    def statuses(self) -> tuple[str, ...]:
-        return tuple(entry.disposition_status for entry in self.dispositions)
-
-    def check(self, out: validation.Violations, field: str, value: str | None) -> None:
-        """Append a violation when `value` sets a status this catalog does not allow."""
-        if value and self.dispositions:
-            validation.one_of(out, field, value, self.statuses)
-
-    def require(self, values: Iterable[tuple[str, str | None]]) -> None:
-        """Raise ValidationFailed naming every (field, status) this catalog does not allow."""
-        if not self.dispositions:
-            return
-        out: validation.Violations = []
-        for field, value in values:
-            self.check(out, field, value)
-        if out:
-            raise ValidationFailed(out)
-
-
-UNRESTRICTED = Catalog(SCOPE_NONE, ())
-
-
-async def load(conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str) -> Catalog:
-    """The catalog in force, read on `conn` (a writer's own transaction) in one query."""
+async def load_catalog(conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str) -> Catalog:
+    """The catalog in force, read on `conn` in one query."""
     found = await catalogs.effective_catalog(conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id)
     return in_force(found)
 
 
-def in_force(found: catalogs.EffectiveCatalog) -> Catalog:
-    """The Catalog of an effective_catalog read."""
-    if found.sub_tenant_id is None:
-        return UNRESTRICTED
-    scope = SCOPE_TENANT if found.sub_tenant_id == TENANT_WIDE else SCOPE_SUB_TENANT
-    return Catalog(scope, tuple(found.dispositions))
-
-
-async def list_dispositions(db: Database) -> Catalog:
+async def list_dispositions(db: Database, *, caller: Caller) -> Catalog:
     """The catalog in force for the caller's tenant and sub-tenant."""
-    ctx = context.get()
-    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
     async with db.read() as conn:
-        return await load(conn, tenant_id=ctx.tenant_id, sub_tenant_id=ctx.sub_tenant_id)
+        return await load_catalog(
+            conn, tenant_id=caller.tenant_id, sub_tenant_id=caller.sub_tenant_id
+        )
 
 
 # --- administration (the admin CLI) ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Batch updates of disposition statuses: every item judged on its own, one transaction.
+"""A partner updates many customers' disposition statuses: every item judged on its own, one
+transaction.
 
 Envelope problems (no items, too many) reject the whole request. Otherwise each item is `ok`,
 `not_found` or `invalid` (with its field errors, under `items[i].`), and the valid items apply
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from server import context
 from server.db import Database
-from server.domain import catalogs, idempotency, validation
-from server.domain.ingestion import MAX_BATCH
 from server.errors import ValidationFailed
-from server.storage.units import Change, Plan, Reads, Scope, Snapshot
+from server.records import Caller, Change, Plan, Reads, Scope, Snapshot
+from server.rules import catalogs, validation
+from server.usecases import idempotency
+from server.usecases.ingestion import MAX_BATCH
 
 SOURCE_BATCH_UPDATE = "batch_update"
 METHOD = "disposition.v1.DispositionService/BatchUpdateDispositionStatus"  # idempotency keys
@@ -97,23 +98,24 @@ def prepare_batch(items: Sequence[UpdateItem]) -> PreparedBatch:
 
 
 async def batch_update(
-    db: Database, *, items: Sequence[UpdateItem], idempotency_key: str | None = None
+    db: Database,
+    *,
+    caller: Caller,
+    items: Sequence[UpdateItem],
+    idempotency_key: str | None = None,
 ) -> idempotency.Result[BatchUpdateOutcome]:
     """Apply a batch for the caller's tenant and sub-tenant; committed before this returns.
 
     With an idempotency key, a retry gets the first outcome back (stored in the same
     transaction as the changes) instead of applying the batch again.
     """
-    request = idempotency.prepare(idempotency_key, method=METHOD, payload=items)
+    request = idempotency.prepare(idempotency_key, caller=caller, method=METHOD, payload=items)
     decode = BatchUpdateOutcome.from_json
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
     batch = prepare_batch(items)
-    ctx = context.get()
-    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
-    assert ctx.partner_pk is not None
-    scope = Scope(ctx.tenant_id, ctx.sub_tenant_id)
-    who = (SOURCE_BATCH_UPDATE, ctx.partner_pk, ctx.request_id)
+    scope = caller.scope
+    who = (SOURCE_BATCH_UPDATE, caller.partner_pk, caller.request_id)
     valid = [i for i, found in enumerate(batch.problems) if not found]
     reads = Reads(
         customers={scope: [items[i].customer_id for i in valid]},

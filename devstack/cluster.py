@@ -7,7 +7,8 @@ Checks that PostgreSQL and Redis answer (and says which does not), creates the d
 is missing, migrates it once (before any replica starts: replicas on PostgreSQL only check that
 the schema is at head), then runs REPLICAS `disposition-server` processes on GRPC_PORT,
 GRPC_PORT+1, ... (Prometheus metrics on METRICS_PORT, METRICS_PORT+1, ...) and one Envoy
-that balances over them, with the demo partner and customer of `make run`.
+that balances over them, with the demo partner and customer of `make run` (devstack/run.py).
+Every port is checked before anything starts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ import asyncpg
 import redis.asyncio as redis
 from sqlalchemy.engine import make_url
 
-from gateway.stack import demo_credentials, serve
+from devstack.credentials import Credentials
+from devstack.ports import PortTaken, check_free
+from devstack.run import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_HTTP_PORT,
+    LaunchError,
+    demo_credentials,
+    port_setting,
+    serve,
+    var_dir,
+)
 from server.db import SchemaOutdated
 from server.settings import Settings, SettingsError
 
@@ -31,7 +42,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REPLICAS = 2
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_DRAIN_SECONDS = "2"
-CREDENTIALS_FILE = Path("var/demo-partner-cluster.json")
+CREDENTIALS_FILE = "demo-partner-cluster.json"  # in VAR_DIR
 COMMAND = "make run-cluster"
 
 
@@ -104,33 +115,38 @@ def cluster_settings(env: Mapping[str, str]) -> tuple[Settings, int, int]:
     return settings, replicas, metrics_port
 
 
-async def prepare(settings: Settings) -> dict[str, str]:
+async def prepare(settings: Settings, credentials_file: Path) -> Credentials:
     """Everything before the first replica starts: backing services, database, migrations."""
     assert settings.redis_url is not None
     await check_redis(settings.redis_url)
     if await ensure_database(settings.database_url):
         print(f"Created database {make_url(settings.database_url).database}.", flush=True)
-    return await demo_credentials(settings, CREDENTIALS_FILE)  # migrates to head, once
+    return await demo_credentials(settings, credentials_file)  # migrates to head, once
 
 
 def main() -> int:
     try:
         settings, replicas, metrics_port = cluster_settings(os.environ)
-    except (SettingsError, ValueError) as exc:
-        raise SystemExit(f"{COMMAND}: {exc}") from None
-    try:
-        creds = asyncio.run(prepare(settings))
-    except (ClusterError, SchemaOutdated) as exc:
-        raise SystemExit(f"{COMMAND}: {exc}") from None
-    ports = [settings.grpc_port + i for i in range(replicas)]
-    metrics = [metrics_port + i for i in range(replicas)]
+        http_port = port_setting(os.environ, "HTTP_PORT", DEFAULT_HTTP_PORT)
+        admin_port = port_setting(os.environ, "ENVOY_ADMIN_PORT", DEFAULT_ADMIN_PORT)
+        ports = [settings.grpc_port + i for i in range(replicas)]
+        metrics = [metrics_port + i for i in range(replicas)]
+        check_free(
+            [("HTTP_PORT", http_port), ("ENVOY_ADMIN_PORT", admin_port)]
+            + [("GRPC_PORT", port) for port in ports]
+            + [("METRICS_PORT", port) for port in metrics]
+        )
+        credentials_file = var_dir(os.environ) / CREDENTIALS_FILE
+        creds = asyncio.run(prepare(settings, credentials_file))
+    except (ClusterError, LaunchError, PortTaken, SchemaOutdated, SettingsError, ValueError) as exc:
+        print(f"{COMMAND}: {exc}", file=sys.stderr)
+        return 2
     shared = {
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url or "",
         # A stopping replica keeps serving until Envoy's 1 s health checks have taken it out.
         "SHUTDOWN_DRAIN_SECONDS": os.environ.get("SHUTDOWN_DRAIN_SECONDS") or DEFAULT_DRAIN_SECONDS,
     }
-    http_port = int(os.environ.get("HTTP_PORT", "8080"))
     listing = ", ".join(
         f"127.0.0.1:{port} (metrics :{metric})" for port, metric in zip(ports, metrics, strict=True)
     )
@@ -142,14 +158,17 @@ def main() -> int:
     )
     return serve(
         settings,
+        env={**os.environ, **shared},
         replicas=[
-            {**shared, "GRPC_PORT": str(port), "METRICS_PORT": str(metric)}
+            {"GRPC_PORT": str(port), "METRICS_PORT": str(metric)}
             for port, metric in zip(ports, metrics, strict=True)
         ],
         creds=creds,
+        http_port=http_port,
+        admin_port=admin_port,
         grpc_target=f"127.0.0.1:{http_port}",
         topology=topology,
-        credentials_file=CREDENTIALS_FILE,
+        credentials_file=credentials_file,
         command=COMMAND,
     )
 
