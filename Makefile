@@ -81,9 +81,9 @@ test: install ## Set up everything and run the whole test suite
 	$(BIN)/pytest
 
 .PHONY: lint
-lint: install $(BUF) ## ruff, mypy (strict, server/) and buf lint
-	$(BIN)/ruff check server gateway tests
-	$(BIN)/ruff format --check server gateway tests
+lint: install $(BUF) ## ruff, mypy (strict: server/, gateway/, devstack/, test support) and buf lint
+	$(BIN)/ruff check server gateway devstack tests
+	$(BIN)/ruff format --check server gateway devstack tests
 	$(BIN)/mypy
 	$(BUF) lint
 
