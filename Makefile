@@ -77,8 +77,12 @@ migrate: install ## Upgrade the database named by DATABASE_URL to the current sc
 	$(BIN)/disposition-admin migrate
 
 .PHONY: test
-test: install ## Set up everything and run the whole test suite
+test: install ## Set up everything and run the whole test suite (unit, grpc_api, rest, system)
 	$(BIN)/pytest
+
+.PHONY: test-fast
+test-fast: install ## The unit layer only (tests/unit: no server, no Envoy), in seconds
+	$(BIN)/pytest -q tests/unit
 
 .PHONY: lint
 lint: install $(BUF) ## ruff, mypy (strict: server/, gateway/, devstack/, test support) and buf lint
@@ -106,11 +110,11 @@ bench: install ## Benchmark: load vs ceiling, engines, feed, counters, reports, 
 
 .PHONY: crash-test
 crash-test: install ## SIGKILL the server and Envoy under writes (20 times each, SQLite and PostgreSQL)
-	$(PY) -m tests.crash_safety $(CRASH_ARGS)
+	$(PY) -m tests.system.crash_safety $(CRASH_ARGS)
 
 .PHONY: fuzz
 fuzz: install ## Fuzz every REST operation from the OpenAPI document (400 requests each; FUZZ_EXAMPLES)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(BIN)/pytest -p no:cacheprovider -s tests/test_fuzz.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(BIN)/pytest -p no:cacheprovider -s tests/rest/test_fuzz.py
 
 .PHONY: clean
 clean: ## Remove generated code and build tools (keeps .venv and var/)

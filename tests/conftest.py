@@ -25,7 +25,7 @@ from disposition.v1 import (
 )
 from server.app import App
 from server.db import Database
-from tests.support import PostgresSchemas, run_in_thread, settings_for
+from tests.support.databases import PostgresSchemas, run_in_thread, settings_for
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL") or None
 NO_POSTGRES = "PostgreSQL variant: TEST_POSTGRES_URL is not set"

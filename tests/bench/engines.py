@@ -296,7 +296,7 @@ def pgbench(topology: Topology, args: Any, workdir: Path) -> dict[str, Any]:
         return {"skipped": "pgbench not found (Debian: postgresql-client)"}
     from sqlalchemy.engine import make_url
 
-    from tests.support import sql
+    from tests.support.databases import sql
 
     url = topology.env["DATABASE_URL"]
     schema = make_url(url).query["search_path"]

@@ -32,7 +32,7 @@ from server.db import Database
 from server.settings import Settings
 from server.storage import reports
 from tests.bench.stack import Topology, cluster_topology, single_topology
-from tests.support import sql
+from tests.support.databases import sql
 
 P50_MAX_MS = 20.0  # issue 13
 CALLS = 200

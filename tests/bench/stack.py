@@ -26,7 +26,7 @@ import devstack.server
 from devstack import Credentials, EnvoyPorts, ServerProcess, Stack, onboard, run_envoy, start_stack
 from server.db import Database
 from server.settings import Settings
-from tests.support import sql
+from tests.support.databases import sql
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

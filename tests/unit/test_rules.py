@@ -1,0 +1,200 @@
+"""Unit tests for the pure rules: validation, rate limiting, credentials, settings, errors."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from google.rpc import code_pb2, error_details_pb2
+
+from server.errors import (
+    MAX_DESCRIPTION_BYTES,
+    MAX_FIELD_BYTES,
+    MAX_VIOLATION_BYTES,
+    CustomerNotFound,
+    RateLimited,
+    ValidationFailed,
+)
+from server.rules import validation
+from server.rules.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
+from server.runtime.ratelimit import InProcessRateLimiter
+from server.settings import Settings, SettingsError
+from server.usecases.dispositions import validate_update
+
+
+def problems(customer_id: str, status: str | None) -> list[tuple[str, str]]:
+    try:
+        validate_update(customer_id, status)
+    except ValidationFailed as error:
+        return error.violations
+    return []
+
+
+@pytest.mark.parametrize(
+    ("customer_id", "status", "expected"),
+    [
+        ("c1", None, []),
+        ("c1", "", []),
+        ("c1", "interested", []),
+        ("c1", "Ünïcode ✓ status", []),
+        ("", None, [("customer_id", "customer_id should not be empty")]),
+        ("\t ", None, [("customer_id", "customer_id should not be empty")]),
+        ("x" * 255, "y" * 255, []),
+        (
+            "x" * 256,
+            None,
+            [("customer_id", "customer_id must be shorter than or equal to 255 characters")],
+        ),
+        (
+            "c1",
+            "   ",
+            [
+                (
+                    "disposition_status",
+                    "disposition_status should not be blank; send an empty string to clear it",
+                )
+            ],
+        ),
+        (
+            "c1",
+            "a\x00b",
+            [("disposition_status", "disposition_status must not contain control characters")],
+        ),
+    ],
+)
+def test_update_rules(
+    customer_id: str, status: str | None, expected: list[tuple[str, str]]
+) -> None:
+    assert problems(customer_id, status) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("2026-11-26T09:30:00Z", True),
+        ("2026-11-26T09:30:00.123456+00:00", True),
+        ("2026-11-26T09:30:00", False),  # no offset: ambiguous
+        ("2026-11-26T09:30:00+01:00", False),
+        ("2026-11-26", False),
+        ("26/11/2026 09:30", False),
+    ],
+)
+def test_utc_timestamps(value: str, valid: bool) -> None:
+    out: validation.Violations = []
+    assert (validation.utc_timestamp(out, "t", value) is not None) is valid
+    assert (out == []) is valid
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("+14155550123", True),
+        ("+442071838750", True),
+        ("14155550123", False),
+        ("+0123", False),
+        ("+1 415 555", False),
+    ],
+)
+def test_e164(value: str, valid: bool) -> None:
+    out: validation.Violations = []
+    validation.e164(out, "n", value)
+    assert (out == []) is valid
+
+
+async def test_rate_limiter_fixed_window() -> None:
+    now = [120.0]
+    limiter = InProcessRateLimiter(clock=lambda: now[0])
+    assert [await limiter.hit("p", 2) for _ in range(2)] == [None, None]
+    now[0] = 143.2
+    assert await limiter.hit("p", 2) == 37  # the window ends at 180: 36.8 s, rounded up
+    assert await limiter.hit("q", 2) is None  # per partner
+    now[0] = 180.0
+    assert await limiter.hit("p", 2) is None  # a new window
+
+
+def test_secrets_are_random_hashed_and_compared() -> None:
+    key, secret = new_api_key(), new_api_secret()
+    assert key.startswith("dk_") and secret.startswith("ds_") and len(secret) > 40
+    assert new_api_secret() != secret
+    stored = hash_secret(secret)
+    assert secret not in stored and len(stored) == 64
+    assert secret_matches(secret, stored) and not secret_matches(secret + "x", stored)
+
+
+def test_settings_from_env_and_refusals() -> None:
+    settings = Settings.from_env({"GRPC_PORT": "6000", "RATE_LIMIT_PER_MINUTE": "30"})
+    assert (settings.grpc_port, settings.rate_limit_per_minute, settings.is_sqlite) == (
+        6000,
+        30,
+        True,
+    )
+    for env in (
+        {"RATE_LIMIT_PER_MINUTE": "0"},
+        {"GRPC_PORT": "abc"},
+        {"SQLITE_SYNCHRONOUS": "OFF"},
+        {"DATABASE_URL": "mysql://x"},
+        {"DISPOSITION_ENV": "production", "SQLITE_SYNCHRONOUS": "NORMAL"},
+        {"GROUP_COMMIT_LINGER_MS": "abc"},
+        {"GROUP_COMMIT_LINGER_MS": "-1"},
+        {"GROUP_COMMIT_LINGER_MS": "nan"},
+        {"GROUP_COMMIT_LINGER_MS": "5000"},
+        {"SHUTDOWN_GRACE_SECONDS": "abc"},  # was a traceback; -5 and nan were accepted
+        {"SHUTDOWN_GRACE_SECONDS": "-5"},
+        {"SHUTDOWN_GRACE_SECONDS": "nan"},
+    ):
+        with pytest.raises(SettingsError):
+            Settings.from_env(env)
+    assert Settings.from_env({}).group_commit_linger_seconds == 0.002
+    assert Settings.from_env({"GROUP_COMMIT_LINGER_MS": "0"}).group_commit_linger_seconds == 0
+
+
+def test_settings_for_redis_and_metrics() -> None:
+    assert Settings.from_env({}).metrics_port is None  # off unless asked for
+    assert Settings.from_env({}).redis_url is None  # in-process limits by default
+    settings = Settings.from_env(
+        {"METRICS_PORT": "9464", "REDIS_URL": "redis://r:6379/0", "REDIS_KEY_PREFIX": "x:"}
+    )
+    assert (settings.metrics_port, settings.metrics_host) == (9464, "127.0.0.1")
+    assert (settings.redis_url, settings.redis_key_prefix) == ("redis://r:6379/0", "x:")
+    for env, message in (
+        ({"REDIS_URL": "http://r"}, "REDIS_URL must start with redis://"),
+        ({"METRICS_PORT": "70000"}, "METRICS_PORT must be at most 65535"),
+        ({"METRICS_PORT": "-1"}, "METRICS_PORT must be at least 0"),
+        ({"REDIS_TIMEOUT_SECONDS": "0"}, "REDIS_TIMEOUT_SECONDS must be at least"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env(env)
+
+
+def test_errors_declare_codes_and_details() -> None:
+    status = ValidationFailed([("customer_id", "customer_id should not be empty")]).to_status()
+    assert (status.code, status.message) == (code_pb2.INVALID_ARGUMENT, "Validation failed")
+    bad = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(bad)
+    assert bad.field_violations[0].field == "customer_id"
+    assert (CustomerNotFound("c").http_status, RateLimited(5).http_status) == (404, 429)
+    retry = error_details_pb2.RetryInfo()
+    assert RateLimited(5).to_status().details[1].Unpack(retry) and retry.retry_delay.seconds == 5
+
+
+def test_validation_failed_lists_what_fits_in_a_grpc_trailer() -> None:
+    # Worst case: huge 4-byte characters, a million times. Base64 (as Envoy sends it) plus the
+    # other trailers (~0.5 KB) must stay under the 8 KB metadata limit of gRPC clients.
+    error = ValidationFailed([("\U0001f600" * 100_000, "\U0001f4a5" * 100_000)] * 1_000_000)
+    assert len(error.violations) == 1_000_000
+    assert len(base64.b64encode(error.to_status().SerializeToString())) < 6 * 1024
+    listed = error.listed_violations()
+    assert [len(v.field.encode()) for v in listed[:2]] == [MAX_FIELD_BYTES - 1] * 2
+    assert [len(v.description.encode()) for v in listed[:2]] == [MAX_DESCRIPTION_BYTES - 1] * 2
+    assert listed[0].field.endswith("…") and listed[0].description.endswith("…")
+    assert [(v.field, v.description) for v in listed[2:]] == [
+        ("", "999998 more problems not listed; fix the listed ones and retry to see the rest")
+    ]
+    # Exactly the budget: all listed. More: the first ones, leaving room for the count.
+    exact = [("f", "x" * 1015)] * (MAX_VIOLATION_BYTES // 1024)  # 1,024 bytes each, encoded
+    assert len(ValidationFailed(exact).to_status().details[1].value) == MAX_VIOLATION_BYTES
+    over = ValidationFailed([*exact, ("a", "a")]).listed_violations()
+    assert [(v.field, v.description) for v in over] == [
+        *exact[:3],
+        ("", "2 more problems not listed; fix the listed ones and retry to see the rest"),
+    ]
