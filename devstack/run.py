@@ -169,6 +169,7 @@ Disposition service is up (Ctrl-C stops it).
   Demo partner {DEMO_PARTNER}, tenant {DEMO_TENANT}/{DEMO_SUB_TENANT}, customer {DEMO_CUSTOMER}
   Credentials: {_shown(credentials_file)} (created on the first run, mode 0600)
   For docs/api.md's examples: source {_shown(credentials_file.parent / "demo.env")}
+  Webhooks: WEBHOOK_ALLOW_PRIVATE_URLS=true (http and local receivers allowed; development only)
 
 Try it:
 curl -sS -X PUT http://127.0.0.1:{http_port}{update} -H 'Content-Type: application/json' \
@@ -245,6 +246,8 @@ def serve(
     server_env = {
         "DATABASE_URL": settings.database_url,
         "SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
+        # A laptop's webhook receiver is http://127.0.0.1:…: allowed here, refused in production.
+        "WEBHOOK_ALLOW_PRIVATE_URLS": env.get("WEBHOOK_ALLOW_PRIVATE_URLS") or "true",
     }
     with ExitStack() as exits:
         try:

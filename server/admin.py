@@ -1,11 +1,12 @@
-"""`disposition-admin`: manage partners, credentials, tenant grants and disposition catalogs.
+"""`disposition-admin`: manage partners, credentials, tenant grants, disposition catalogs and
+webhook endpoints.
 
 Works against the database of a running stack: DATABASE_URL, else the checkout's
 var/disposition.db (what `make run` uses), wherever it is run from; outside a checkout
 DATABASE_URL is required. Only `migrate` creates a database. Changes take effect on the
 next request, with no restart. Output is JSON on stdout; errors go to stderr. Exit codes:
-0 done, 1 unexpected failure, 2 bad usage (or no database to use), 3 no such partner or
-grant, 4 already exists.
+0 done, 1 unexpected failure, 2 bad usage (or no database to use, or a webhook URL or event
+refused), 3 no such partner, grant or webhook endpoint, 4 already exists.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import asdict
 from typing import Any
 
 from server.db import Database, SchemaOutdated
+from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
 from server.settings import Settings, SettingsError, project_root
-from server.usecases import catalogs, partners
+from server.usecases import catalogs, partners, webhooks
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 1, 2, 3, 4
 
@@ -167,6 +169,89 @@ async def _init_db(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     return {"schema": "ready", "revision": revision}
 
 
+def _when(value: Any) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def _endpoint(endpoint: WebhookEndpointRecord, secret: str | None = None) -> dict[str, Any]:
+    shown: dict[str, Any] = {
+        "id": endpoint.endpoint_id,
+        "url": endpoint.url,
+        "events": list(endpoint.events),
+        "tenant_id": endpoint.tenant_id,
+        "sub_tenant_id": endpoint.sub_tenant_id,
+        "enabled": endpoint.enabled,
+        "disabled_reason": endpoint.disabled_reason,
+        "failing_since": _when(endpoint.failing_since),
+        "created_at": _when(endpoint.created_at),
+    }
+    if secret is not None:
+        shown["secret"] = secret
+    return shown
+
+
+def _delivery(delivery: WebhookDeliveryRecord) -> dict[str, Any]:
+    return {
+        "id": delivery.pk,
+        "event_id": delivery.event_id,
+        "event_type": delivery.event_type,
+        "cursor": None if delivery.cursor is None else str(delivery.cursor),
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "last_status_code": delivery.last_status_code,
+        "last_error": delivery.last_error,
+        "next_attempt_at": _when(delivery.next_attempt_at),
+        "delivered_at": _when(delivery.delivered_at),
+        "created_at": _when(delivery.created_at),
+    }
+
+
+async def _webhook_create(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    created = await webhooks.create_endpoint(
+        db,
+        tenant_id=args.tenant_id,
+        sub_tenant_id=args.sub_tenant_id,
+        url=args.url,
+        events=args.events or [],
+        allow_private=db.settings.webhook_allow_private_urls,
+    )
+    return _endpoint(created.endpoint, created.secret)
+
+
+async def _webhook_list(db: Database, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [_endpoint(e) for e in await webhooks.list_endpoints(db, tenant_id=args.tenant_id)]
+
+
+async def _webhook_set_enabled(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    return _endpoint(
+        await webhooks.set_enabled(db, endpoint_id=args.endpoint_id, enabled=args.enabled)
+    )
+
+
+async def _webhook_delete(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    await webhooks.delete_endpoint(db, endpoint_id=args.endpoint_id)
+    return {"id": args.endpoint_id, "deleted": True}
+
+
+async def _webhook_rotate(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    rotated = await webhooks.rotate_secret(db, endpoint_id=args.endpoint_id)
+    return _endpoint(rotated.endpoint, rotated.secret)
+
+
+async def _webhook_deliveries(db: Database, args: argparse.Namespace) -> list[dict[str, Any]]:
+    found = await webhooks.deliveries(
+        db, endpoint_id=args.endpoint_id, status=args.status, limit=args.limit
+    )
+    return [_delivery(delivery) for delivery in found]
+
+
+async def _webhook_replay(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    count = await webhooks.replay(
+        db, endpoint_id=args.endpoint_id, delivery_ids=args.delivery_ids or None
+    )
+    return {"id": args.endpoint_id, "replayed": count}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disposition-admin",
@@ -302,6 +387,89 @@ def build_parser() -> argparse.ArgumentParser:
             "Remove a catalog (a sub-tenant falls back to the tenant-wide one, else any status).",
         )
     )
+    webhook = commands.add_parser(
+        "webhook",
+        help="create, list, disable, enable, delete, rotate-secret, deliveries, replay",
+    )
+    webhook_commands = webhook.add_subparsers(
+        dest="webhook_command", required=True, metavar="ACTION"
+    )
+    create_hook = command(
+        webhook_commands,
+        "create",
+        _webhook_create,
+        "Deliver a tenant's events to a URL; prints the endpoint and its secret (once).",
+    )
+    create_hook.add_argument("--tenant-id", required=True, type=_text("--tenant-id"))
+    create_hook.add_argument(
+        "--sub-tenant-id",
+        required=True,
+        type=_text("--sub-tenant-id"),
+        help="'*' = every sub-tenant",
+    )
+    create_hook.add_argument("--url", required=True, help="https URL (public addresses only)")
+    create_hook.add_argument(
+        "--event",
+        dest="events",
+        action="append",
+        metavar="TYPE",
+        help="disposition.changed or call.processed; repeat for several (default: all)",
+    )
+    command(webhook_commands, "list", _webhook_list, "List endpoints (no secrets).").add_argument(
+        "--tenant-id", type=_text("--tenant-id"), help="only this tenant's"
+    )
+
+    def endpoint_arg(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--id", dest="endpoint_id", required=True, help="we_…")
+        return sub
+
+    endpoint_arg(
+        command(
+            webhook_commands, "disable", _webhook_set_enabled, "Stop deliveries.", enabled=False
+        )
+    )
+    endpoint_arg(
+        command(
+            webhook_commands,
+            "enable",
+            _webhook_set_enabled,
+            "Resume deliveries (and forget past failures).",
+            enabled=True,
+        )
+    )
+    endpoint_arg(
+        command(
+            webhook_commands, "delete", _webhook_delete, "Delete an endpoint and its deliveries."
+        )
+    )
+    endpoint_arg(
+        command(
+            webhook_commands,
+            "rotate-secret",
+            _webhook_rotate,
+            "Replace the signing secret; prints the new one (once).",
+        )
+    )
+    listing = endpoint_arg(
+        command(
+            webhook_commands,
+            "deliveries",
+            _webhook_deliveries,
+            "List an endpoint's deliveries, newest first.",
+        )
+    )
+    listing.add_argument("--status", choices=["pending", "delivered", "failed"])
+    listing.add_argument("--limit", type=_positive, default=webhooks.DELIVERIES_LIMIT)
+    endpoint_arg(
+        command(
+            webhook_commands,
+            "replay",
+            _webhook_replay,
+            "Send deliveries again now (default: every failed one).",
+        )
+    ).add_argument(
+        "--delivery-id", dest="delivery_ids", action="append", type=_positive, metavar="ID"
+    )
     return parser
 
 
@@ -347,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"partner {exc.args[0]!r} already exists", EXIT_EXISTS)
     except partners.UnknownPartner as exc:
         return _fail(f"no partner {exc.args[0]!r}", EXIT_NOT_FOUND)
+    except webhooks.InvalidWebhook as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except LookupError as exc:
         return _fail(str(exc), EXIT_NOT_FOUND)
     except SchemaOutdated as exc:  # as the server: the database must be migrated first

@@ -26,6 +26,7 @@ from server.metrics import Metrics
 from server.runtime.access_cache import AccessCache
 from server.runtime.feed import FeedHub
 from server.runtime.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from server.runtime.webhooks import WebhookDispatcher
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
 
@@ -99,6 +100,15 @@ class App:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        self.webhooks = WebhookDispatcher(
+            db,
+            self.feed,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            retry_base_seconds=settings.webhook_retry_base_seconds,
+            allow_private=settings.webhook_allow_private_urls,
+            max_in_flight=settings.webhook_max_in_flight,
+            retry_window_seconds=settings.webhook_retry_window_seconds,
+        )
         self.metrics.watch_state(db, lambda: self.feed.watcher_count)
         self.port = 0
         self.metrics_port: int | None = None
@@ -138,6 +148,7 @@ class App:
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.webhooks.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -145,6 +156,7 @@ class App:
         here meanwhile), then stop accepting, let in-flight RPCs finish within the grace and
         close the pools."""
         await self.health.enter_graceful_shutdown()
+        await self.webhooks.close()  # before the feed: its followers are feed watchers
         await self.feed.close()  # watchers get UNAVAILABLE at once and resume on another replica
         if self.settings.shutdown_drain_seconds > 0:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)

@@ -7,7 +7,8 @@ nothing else of the service, so every layer may import it.
 - Who acts: `Caller`, and the `Scope` (tenant, sub-tenant) it acts in.
 - What is stored: customers (`CustomerState`, `CustomerStatusRecord`), history rows
   (`ChangeRecord`), catalogs (`Disposition`, `EffectiveCatalog`), partners (`PartnerRecord`,
-  `CredentialRecord`), idempotency keys (`StoredKey`), report counts (`StatusCounts`).
+  `CredentialRecord`), idempotency keys (`StoredKey`), report counts (`StatusCounts`),
+  webhook endpoints and deliveries (`WebhookEndpointRecord`, `WebhookDeliveryRecord`).
 - A unit of work's data (the port is storage.units.Units): what it reads (`Reads`, `KeyRef`),
   what it read (`Snapshot`), and what it writes (`Plan` of `Change`, `NewCustomer`, `Profile`,
   `NewCall` and `KeyRecord`).
@@ -120,6 +121,46 @@ class PartnerRecord:
     name: str
     enabled: bool
     rate_limit_per_minute: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpointRecord:
+    """Where a tenant's events go (`sub_tenant_id` "*": every sub-tenant) and how it is doing."""
+
+    pk: int
+    endpoint_id: str
+    partner_pk: int | None
+    tenant_id: str
+    sub_tenant_id: str
+    url: str
+    events: tuple[str, ...]
+    secret: str
+    enabled: bool
+    disabled_reason: str | None
+    failing_since: datetime | None
+    cursor: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDeliveryRecord:
+    """One event for one endpoint and how its attempts went."""
+
+    pk: int
+    endpoint_pk: int
+    event_id: str
+    event_type: str
+    cursor: int | None
+    body: str
+    status: str
+    attempts: int
+    first_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: datetime | None
     created_at: datetime
 
 

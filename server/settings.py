@@ -78,6 +78,19 @@ class Settings:
     # Prometheus metrics over HTTP (None: off; 0: an ephemeral port, reported when serving).
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    # Webhooks (runtime/webhooks.py): a delivery attempt's timeout, the first retry's delay
+    # (doubling after each failure, with jitter), and whether URLs may be http or resolve to
+    # private addresses (local development and tests only; refused in production).
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_base_seconds: float = 5.0
+    webhook_allow_private_urls: bool = False
+    # How long a failing delivery is retried (then marked failed), and how long an endpoint may
+    # fail before it is disabled.
+    webhook_retry_window_seconds: float = 3 * 24 * 3600.0
+    # How many deliveries one endpoint has in flight at once. 1: one after another, so that a
+    # healthy receiver gets its events in cursor order; more: faster, in an order that may vary
+    # within that window.
+    webhook_max_in_flight: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +119,15 @@ class Settings:
             metrics_host=env.get("METRICS_HOST", "127.0.0.1"),
             metrics_port=(
                 _int(env, "METRICS_PORT", 0, minimum=0) if env.get("METRICS_PORT") else None
+            ),
+            webhook_timeout_seconds=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.01),
+            webhook_retry_base_seconds=_float(
+                env, "WEBHOOK_RETRY_BASE_SECONDS", 5.0, minimum=0.001
+            ),
+            webhook_allow_private_urls=_bool(env, "WEBHOOK_ALLOW_PRIVATE_URLS", False),
+            webhook_max_in_flight=_int(env, "WEBHOOK_MAX_IN_FLIGHT", 1, minimum=1),
+            webhook_retry_window_seconds=_float(
+                env, "WEBHOOK_RETRY_WINDOW_SECONDS", 3 * 24 * 3600.0, minimum=1.0
             ),
         )
         settings.check()
@@ -141,6 +163,11 @@ class Settings:
             ("redis://", "rediss://", "unix://")
         ):
             raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.environment == "production" and self.webhook_allow_private_urls:
+            raise SettingsError(
+                "WEBHOOK_ALLOW_PRIVATE_URLS=true is not allowed in production (it lets webhook "
+                "URLs reach the service's own network)"
+            )
         if self.metrics_port is not None and self.metrics_port > 65535:
             raise SettingsError(f"METRICS_PORT must be at most 65535, got {self.metrics_port}")
 
@@ -173,6 +200,18 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:

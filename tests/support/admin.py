@@ -10,11 +10,11 @@ from pathlib import Path
 from tests.support import BIN
 
 
-def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`disposition-admin ARGS` with DATABASE_URL set; its exit status and output."""
+def admin(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`disposition-admin ARGS` with DATABASE_URL (and `env`) set; its exit status and output."""
     return subprocess.run(
         [str(BIN / "disposition-admin"), *args],
-        env={**os.environ, "DATABASE_URL": database_url},
+        env={**os.environ, "DATABASE_URL": database_url, **env},
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,7 +4,7 @@ either engine, with partner 123 and customer123 as in the documentation, and RES
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,13 @@ class Stack:
         return [tuple(row) for row in rows]
 
 
-def start_stack(tmp: Path, database_url: str | None = None) -> Iterator[Stack]:
-    """The stack on `database_url` (at head already on PostgreSQL), else a new SQLite file."""
+def start_stack(
+    tmp: Path, database_url: str | None = None, server_env: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """The stack on `database_url` (at head already on PostgreSQL), else a new SQLite file;
+    `server_env`: the server's extra environment."""
     url = database_url or f"sqlite+aiosqlite:///{tmp / 'disposition.db'}"
-    with start_devstack(url, workdir=tmp) as running:
+    with start_devstack(url, workdir=tmp, server_env=server_env) as running:
         stack = Stack(
             url, settings_for(url).sqlite_path(), running.servers[0], running.envoy,
             Credentials("", "", ""),

@@ -1,0 +1,91 @@
+"""Webhooks: endpoints and their deliveries.
+
+- `webhook_endpoints`: where a tenant's events go, the endpoint's signing secret, its lease (the
+  server process delivering to it) and its cursor in the tenant's change feed.
+- `webhook_deliveries`: one event for one endpoint, its body and how its attempts went.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-02
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+When = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "webhook_endpoints",
+        sa.Column("id", BigId, autoincrement=True, nullable=False),
+        sa.Column("endpoint_id", sa.String(64), nullable=False),
+        sa.Column("partner_pk", BigId, nullable=True),
+        sa.Column("tenant_id", sa.String(255), nullable=False),
+        sa.Column("sub_tenant_id", sa.String(255), nullable=False),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("events", sa.JSON, nullable=False),
+        sa.Column("secret", sa.String(128), nullable=False),
+        sa.Column("enabled", sa.Boolean, nullable=False),
+        sa.Column("disabled_reason", sa.String(255), nullable=True),
+        sa.Column("failing_since", When, nullable=True),
+        sa.Column("cursor", sa.BigInteger, nullable=False),
+        sa.Column("lease_owner", sa.String(64), nullable=True),
+        sa.Column("lease_expires_at", When, nullable=True),
+        sa.Column("created_at", When, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["partner_pk"], ["partners.id"], name="fk_webhook_endpoints_partner_pk_partners"
+        ),
+        sa.PrimaryKeyConstraint("id", name="pk_webhook_endpoints"),
+        sa.UniqueConstraint("endpoint_id", name="uq_webhook_endpoints_endpoint_id"),
+    )
+    op.create_index(
+        "ix_webhook_endpoints_tenant", "webhook_endpoints", ["tenant_id", "sub_tenant_id"]
+    )
+    op.create_table(
+        "webhook_deliveries",
+        sa.Column("id", BigId, autoincrement=True, nullable=False),
+        sa.Column("endpoint_pk", BigId, nullable=False),
+        sa.Column("event_id", sa.String(64), nullable=False),
+        sa.Column("event_type", sa.String(32), nullable=False),
+        sa.Column("cursor", sa.BigInteger, nullable=True),
+        sa.Column("body", sa.Text, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("first_attempt_at", When, nullable=True),
+        sa.Column("next_attempt_at", When, nullable=True),
+        sa.Column("last_attempt_at", When, nullable=True),
+        sa.Column("last_status_code", sa.Integer, nullable=True),
+        sa.Column("last_error", sa.String(255), nullable=True),
+        sa.Column("delivered_at", When, nullable=True),
+        sa.Column("claim_owner", sa.String(64), nullable=True),
+        sa.Column("claim_expires_at", When, nullable=True),
+        sa.Column("created_at", When, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["endpoint_pk"],
+            ["webhook_endpoints.id"],
+            name="fk_webhook_deliveries_endpoint_pk_webhook_endpoints",
+        ),
+        sa.PrimaryKeyConstraint("id", name="pk_webhook_deliveries"),
+        sa.UniqueConstraint("endpoint_pk", "event_id", name="uq_webhook_deliveries_event"),
+    )
+    op.create_index(
+        "ix_webhook_deliveries_due", "webhook_deliveries", ["status", "next_attempt_at"]
+    )
+    op.create_index("ix_webhook_deliveries_endpoint", "webhook_deliveries", ["endpoint_pk", "id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_webhook_deliveries_endpoint", "webhook_deliveries")
+    op.drop_index("ix_webhook_deliveries_due", "webhook_deliveries")
+    op.drop_table("webhook_deliveries")
+    op.drop_index("ix_webhook_endpoints_tenant", "webhook_endpoints")
+    op.drop_table("webhook_endpoints")

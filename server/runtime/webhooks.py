@@ -1,0 +1,387 @@
+"""Webhook delivery: every enabled endpoint follows its tenant's change feed and receives each
+`disposition.changed` event, signed, at least once.
+
+The outbox is the disposition history itself: a change's history row (with its feed cursor) is
+written in the transaction that makes the change, so a committed change always has its event and
+a rolled-back one never does. Each endpoint keeps the cursor of the last change it was given.
+
+- Leases: one process at a time delivers to an endpoint (the one holding its lease, renewed
+  every `renew_seconds`); processes share the endpoints, and a process that dies loses its
+  leases within `lease_seconds`, when another takes them over from the stored cursor.
+- First attempts: the follower of an endpoint reads the changes after its cursor (woken by the
+  change feed: at once for this process's commits, by LISTEN/NOTIFY for other replicas' on
+  PostgreSQL), sends them in cursor order with up to `max_in_flight` at once, then stores the
+  outcomes and moves the cursor in one transaction. A crash before that store sends them again
+  (at least once: receivers deduplicate on `webhook-id`).
+- Retries: a failed attempt (non-2xx, timeout, connection error, refused address) is stored as
+  pending with its next attempt due after an exponential, jittered delay; any process claims due
+  deliveries. After the retry window (3 days) the delivery is marked failed (kept for replay),
+  and an endpoint failing for that long is disabled.
+
+The API never waits for a receiver: all of this runs beside the request handlers, and nothing
+on a request's path reads or writes webhook state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from server.db import Database
+from server.records import Caller, ChangeRecord, WebhookEndpointRecord
+from server.rules import webhooks as rules
+from server.runtime.feed import ALL_SUB_TENANTS, FeedHub
+from server.runtime.webhook_http import DeliveryError, WebhookClient
+from server.storage import webhooks as storage
+
+log = logging.getLogger("disposition.webhooks")
+
+RETRY_BATCH = 50
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def disposition_event(change: ChangeRecord) -> tuple[str, bytes]:
+    """The `disposition.changed` event of a history row: its id (stable: the receiver's
+    idempotency key) and its body."""
+    body = {
+        "type": rules.DISPOSITION_CHANGED,
+        "timestamp": _iso(change.changed_at),
+        "data": {
+            "tenant_id": change.tenant_id,
+            "sub_tenant_id": change.sub_tenant_id,
+            "customer_id": change.customer_id,
+            "previous_status": change.previous_status or "",
+            "disposition_status": change.new_status or "",
+            "cursor": str(change.seq),
+            "changed_at": _iso(change.changed_at),
+            "source": change.source,
+            "partner_id": change.partner_id,
+            "request_id": change.request_id,
+        },
+    }
+    return f"evt_{change.id}", json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One attempt: when, the status code (None: no reply) and what went wrong (None: 2xx)."""
+
+    at: datetime
+    status_code: int | None
+    error: str | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        db: Database,
+        feed: FeedHub,
+        *,
+        timeout_seconds: float,
+        retry_base_seconds: float,
+        allow_private: bool,
+        max_in_flight: int,
+        retry_window_seconds: float = rules.RETRY_WINDOW_SECONDS,
+        lease_seconds: float = 10.0,
+        renew_seconds: float = 2.0,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.db = db
+        self.feed = feed
+        self.retry_base_seconds = retry_base_seconds
+        self.max_in_flight = max_in_flight
+        self.retry_window = timedelta(seconds=retry_window_seconds)
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds
+        self.retry_poll_seconds = min(0.5, retry_base_seconds)
+        self.now = now
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.client = WebhookClient(timeout_seconds=timeout_seconds, allow_private=allow_private)
+        self._followers: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._keep_leases(), name="webhook-leases"),
+            asyncio.create_task(self._retry(), name="webhook-retries"),
+        ]
+
+    async def close(self) -> None:
+        """Stop delivering and hand the endpoints back (another process takes them at once)."""
+        tasks = [*self._tasks, *self._followers.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._followers.clear()
+        with contextlib.suppress(Exception):
+            async with self.db.write() as conn:
+                await storage.release_leases(conn, owner=self.owner)
+        await self.client.close()
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        failing = False
+        while True:
+            try:
+                now = self.now()
+                if not self._followers:
+                    async with self.db.read() as conn:
+                        endpoints, _ = await storage.has_work(conn, now=now)
+                    if not endpoints:  # nothing to deliver to: no write, no lock
+                        await asyncio.sleep(self.renew_seconds)
+                        continue
+                async with self.db.write() as conn:
+                    disabled = await storage.disable_failing(
+                        conn, since=now - self.retry_window, reason="failing for 3 days"
+                    )
+                    held = await storage.take_leases(
+                        conn,
+                        owner=self.owner,
+                        now=now,
+                        until=now + timedelta(seconds=self.lease_seconds),
+                    )
+                for endpoint_id in disabled:
+                    log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint_id})
+                self._follow_only(held)
+                failing = False
+            except Exception:
+                if not failing:  # once per outage
+                    log.exception("webhooks: cannot renew the endpoints' leases")
+                failing = True
+                self._follow_only([])  # a lease that cannot be renewed may be taken over
+            await asyncio.sleep(self.renew_seconds)
+
+    def _follow_only(self, held: Sequence[WebhookEndpointRecord]) -> None:
+        wanted = {endpoint.pk: endpoint for endpoint in held}
+        for pk in list(self._followers):
+            task = self._followers[pk]
+            if pk not in wanted or task.done():
+                task.cancel()
+                del self._followers[pk]
+        for pk, endpoint in wanted.items():
+            if pk not in self._followers:
+                self._followers[pk] = asyncio.create_task(
+                    self._follow(endpoint), name=f"webhook-{endpoint.endpoint_id}"
+                )
+
+    # -- first attempts, in cursor order ---------------------------------------------------
+
+    async def _follow(self, endpoint: WebhookEndpointRecord) -> None:
+        sub_tenant_id = endpoint.sub_tenant_id
+        caller = Caller(
+            partner_pk=0,
+            partner_id="webhooks",
+            tenant_id=endpoint.tenant_id,
+            sub_tenant_id=ALL_SUB_TENANTS if sub_tenant_id == "*" else sub_tenant_id,
+            request_id=f"webhook-{endpoint.endpoint_id}",
+        )
+        async for batch in self.feed.watch(
+            caller=caller, after_cursor=endpoint.cursor, start_at_latest=False
+        ):
+            if not batch.changes:
+                continue
+            # As stored now: a disable, a new secret or URL applies from the next batch on.
+            async with self.db.read() as conn:
+                current = await storage.endpoint_by_pk(conn, pk=endpoint.pk)
+            if current is None or not current.enabled:
+                return  # the lease loop stops following it
+            deliveries: list[dict[str, Any]] = []
+            healthy = True
+            if rules.DISPOSITION_CHANGED in current.events:
+                events = [disposition_event(change) for change in batch.changes]
+                outcomes = await self._send_in_order(current, events)
+                for change, (event_id, body), outcome in zip(
+                    batch.changes, events, outcomes, strict=True
+                ):
+                    deliveries.append(self._first_attempt(current, change, event_id, body, outcome))
+                    healthy = healthy and outcome.ok
+            async with self.db.write() as conn:
+                kept = await storage.record_batch(
+                    conn,
+                    owner=self.owner,
+                    endpoint_pk=current.pk,
+                    cursor=batch.cursor,
+                    deliveries=deliveries,
+                    failing_since=self.now(),
+                    healthy=healthy,
+                )
+            if not kept:  # the lease went to another process, which sends from the cursor
+                return
+
+    async def _send_in_order(
+        self, endpoint: WebhookEndpointRecord, events: Sequence[tuple[str, bytes]]
+    ) -> list[Outcome]:
+        """Attempt each event once: started in order, at most max_in_flight at a time."""
+        window = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(event_id: str, body: bytes) -> Outcome:
+            try:
+                return await self.attempt(endpoint, event_id, rules.DISPOSITION_CHANGED, body, 1)
+            finally:
+                window.release()
+
+        tasks = []
+        for event_id, body in events:
+            await window.acquire()
+            tasks.append(asyncio.create_task(one(event_id, body)))
+        return list(await asyncio.gather(*tasks))
+
+    def _first_attempt(
+        self,
+        endpoint: WebhookEndpointRecord,
+        change: ChangeRecord,
+        event_id: str,
+        body: bytes,
+        outcome: Outcome,
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "endpoint_pk": endpoint.pk,
+            "event_id": event_id,
+            "event_type": rules.DISPOSITION_CHANGED,
+            "cursor": change.seq,
+            "body": body.decode(),
+            "attempts": 1,
+            "first_attempt_at": outcome.at,
+            "last_attempt_at": outcome.at,
+            "last_status_code": outcome.status_code,
+            "last_error": outcome.error,
+            "created_at": outcome.at,
+            "claim_owner": None,
+            "claim_expires_at": None,
+        }
+        if outcome.ok:
+            return {**row, "status": storage.DELIVERED, "delivered_at": outcome.at,
+                    "next_attempt_at": None}  # fmt: skip
+        delay = rules.retry_delay(1, self.retry_base_seconds)
+        return {**row, "status": storage.PENDING, "delivered_at": None,
+                "next_attempt_at": outcome.at + timedelta(seconds=delay)}  # fmt: skip
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def attempt(
+        self,
+        endpoint: WebhookEndpointRecord,
+        event_id: str,
+        event_type: str,
+        body: bytes,
+        number: int,
+    ) -> Outcome:
+        """POST one event, signed now; logged (never with the secret or the body)."""
+        at, started = self.now(), time.perf_counter()
+        headers = rules.delivery_headers(endpoint.secret, event_id, int(time.time()), body)
+        status_code: int | None = None
+        error: str | None
+        try:
+            status_code = await self.client.post(endpoint.url, headers, body)
+            error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+        except TimeoutError:
+            error = f"timed out after {self.client.timeout_seconds:g} s"
+        except DeliveryError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"connection failed: {exc.strerror or type(exc).__name__}"
+        outcome = Outcome(at, status_code, error, time.perf_counter() - started)
+        log.info(
+            "webhook attempt",
+            extra={
+                "endpoint_id": endpoint.endpoint_id,
+                "event_id": event_id,
+                "event_type": event_type,
+                "attempt": number,
+                "outcome": "delivered" if outcome.ok else "failed",
+                "status_code": status_code,
+                "error": error,
+                "duration_ms": round(outcome.seconds * 1000, 3),
+            },
+        )
+        return outcome
+
+    # -- retries -----------------------------------------------------------------------------
+
+    async def _retry(self) -> None:
+        failing = False
+        while True:
+            claimed = 0
+            try:
+                claimed = await self.retry_due()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("webhooks: cannot run due retries")
+                failing = True
+            if claimed < RETRY_BATCH:
+                await asyncio.sleep(self.retry_poll_seconds)
+
+    async def retry_due(self) -> int:
+        """Attempt the deliveries that are due (of enabled endpoints); how many."""
+        now = self.now()
+        timeout = self.client.timeout_seconds
+        async with self.db.read() as conn:
+            _, due_now = await storage.has_work(conn, now=now)
+        if not due_now:
+            return 0
+        async with self.db.write() as conn:
+            due = await storage.claim_due(
+                conn, owner=self.owner, now=now,
+                until=now + timedelta(seconds=timeout * 2 + 10), limit=RETRY_BATCH,
+            )  # fmt: skip
+            endpoints = {
+                endpoint.pk: endpoint
+                for endpoint in await storage.list_endpoints(conn)
+                if any(delivery.endpoint_pk == endpoint.pk for delivery in due)
+            }
+        window = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(delivery: Any) -> None:
+            async with window:
+                endpoint = endpoints[delivery.endpoint_pk]
+                number = delivery.attempts + 1
+                outcome = await self.attempt(
+                    endpoint, delivery.event_id, delivery.event_type, delivery.body.encode(),
+                    number,
+                )  # fmt: skip
+                first = delivery.first_attempt_at or outcome.at
+                values: dict[str, Any] = {
+                    "attempts": number,
+                    "first_attempt_at": first,
+                    "last_attempt_at": outcome.at,
+                    "last_status_code": outcome.status_code,
+                    "last_error": outcome.error,
+                }
+                if outcome.ok:
+                    values |= {"status": storage.DELIVERED, "delivered_at": outcome.at,
+                               "next_attempt_at": None}  # fmt: skip
+                elif outcome.at - first >= self.retry_window:
+                    values |= {"status": storage.FAILED, "next_attempt_at": None}
+                else:
+                    delay = rules.retry_delay(number, self.retry_base_seconds)
+                    values["next_attempt_at"] = outcome.at + timedelta(seconds=delay)
+                async with self.db.write() as conn:
+                    await storage.record_attempt(conn, delivery_pk=delivery.pk, values=values)
+                    await storage.mark_endpoint(
+                        conn, endpoint_pk=endpoint.pk, healthy=outcome.ok, now=outcome.at
+                    )
+
+        await asyncio.gather(*(one(delivery) for delivery in due))
+        return len(due)

@@ -1,0 +1,416 @@
+"""Webhook endpoints, their leases and cursors, and their deliveries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.models import FeedSequence, WebhookDelivery, WebhookEndpoint
+from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
+
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+_ENDPOINT_COLUMNS = (
+    WebhookEndpoint.id,
+    WebhookEndpoint.endpoint_id,
+    WebhookEndpoint.partner_pk,
+    WebhookEndpoint.tenant_id,
+    WebhookEndpoint.sub_tenant_id,
+    WebhookEndpoint.url,
+    WebhookEndpoint.events,
+    WebhookEndpoint.secret,
+    WebhookEndpoint.enabled,
+    WebhookEndpoint.disabled_reason,
+    WebhookEndpoint.failing_since,
+    WebhookEndpoint.cursor,
+    WebhookEndpoint.created_at,
+)
+_DELIVERY_COLUMNS = (
+    WebhookDelivery.id,
+    WebhookDelivery.endpoint_pk,
+    WebhookDelivery.event_id,
+    WebhookDelivery.event_type,
+    WebhookDelivery.cursor,
+    WebhookDelivery.body,
+    WebhookDelivery.status,
+    WebhookDelivery.attempts,
+    WebhookDelivery.first_attempt_at,
+    WebhookDelivery.next_attempt_at,
+    WebhookDelivery.last_attempt_at,
+    WebhookDelivery.last_status_code,
+    WebhookDelivery.last_error,
+    WebhookDelivery.delivered_at,
+    WebhookDelivery.created_at,
+)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite gives naive datetimes back; every time here is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _endpoint(row: Row[*tuple[Any, ...]]) -> WebhookEndpointRecord:
+    return WebhookEndpointRecord(
+        pk=row.id,
+        endpoint_id=row.endpoint_id,
+        partner_pk=row.partner_pk,
+        tenant_id=row.tenant_id,
+        sub_tenant_id=row.sub_tenant_id,
+        url=row.url,
+        events=tuple(row.events),
+        secret=row.secret,
+        enabled=row.enabled,
+        disabled_reason=row.disabled_reason,
+        failing_since=_utc(row.failing_since),
+        cursor=row.cursor,
+        created_at=_utc(row.created_at) or row.created_at,
+    )
+
+
+def _delivery(row: Row[*tuple[Any, ...]]) -> WebhookDeliveryRecord:
+    return WebhookDeliveryRecord(
+        pk=row.id,
+        endpoint_pk=row.endpoint_pk,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        cursor=row.cursor,
+        body=row.body,
+        status=row.status,
+        attempts=row.attempts,
+        first_attempt_at=_utc(row.first_attempt_at),
+        next_attempt_at=_utc(row.next_attempt_at),
+        last_attempt_at=_utc(row.last_attempt_at),
+        last_status_code=row.last_status_code,
+        last_error=row.last_error,
+        delivered_at=_utc(row.delivered_at),
+        created_at=_utc(row.created_at) or row.created_at,
+    )
+
+
+# -- endpoints -----------------------------------------------------------------------------
+
+
+async def tenant_cursor(conn: AsyncConnection, *, tenant_id: str) -> int:
+    """The tenant's last change-feed cursor (0: no change yet)."""
+    found = await conn.scalar(
+        select(FeedSequence.last_seq).where(FeedSequence.tenant_id == tenant_id)
+    )
+    return int(found or 0)
+
+
+async def insert_endpoint(
+    conn: AsyncConnection,
+    *,
+    endpoint_id: str,
+    partner_pk: int | None,
+    tenant_id: str,
+    sub_tenant_id: str,
+    url: str,
+    events: Sequence[str],
+    secret: str,
+    cursor: int,
+    now: datetime,
+) -> WebhookEndpointRecord:
+    pk = await conn.scalar(
+        insert(WebhookEndpoint)
+        .values(
+            endpoint_id=endpoint_id,
+            partner_pk=partner_pk,
+            tenant_id=tenant_id,
+            sub_tenant_id=sub_tenant_id,
+            url=url,
+            events=list(events),
+            secret=secret,
+            enabled=True,
+            cursor=cursor,
+            created_at=now,
+        )
+        .returning(WebhookEndpoint.id)
+    )
+    found = await get_endpoint(conn, endpoint_id=endpoint_id)
+    assert found is not None and found.pk == pk
+    return found
+
+
+async def get_endpoint(
+    conn: AsyncConnection, *, endpoint_id: str, partner_pk: int | None = None
+) -> WebhookEndpointRecord | None:
+    """The endpoint `endpoint_id` (only if `partner_pk` owns it, when given)."""
+    stmt = select(*_ENDPOINT_COLUMNS).where(WebhookEndpoint.endpoint_id == endpoint_id)
+    if partner_pk is not None:
+        stmt = stmt.where(WebhookEndpoint.partner_pk == partner_pk)
+    row = (await conn.execute(stmt)).first()
+    return None if row is None else _endpoint(row)
+
+
+async def endpoint_by_pk(conn: AsyncConnection, *, pk: int) -> WebhookEndpointRecord | None:
+    row = (await conn.execute(select(*_ENDPOINT_COLUMNS).where(WebhookEndpoint.id == pk))).first()
+    return None if row is None else _endpoint(row)
+
+
+async def list_endpoints(
+    conn: AsyncConnection, *, tenant_id: str | None = None, partner_pk: int | None = None
+) -> list[WebhookEndpointRecord]:
+    stmt = select(*_ENDPOINT_COLUMNS).order_by(WebhookEndpoint.id)
+    if tenant_id is not None:
+        stmt = stmt.where(WebhookEndpoint.tenant_id == tenant_id)
+    if partner_pk is not None:
+        stmt = stmt.where(WebhookEndpoint.partner_pk == partner_pk)
+    return [_endpoint(row) for row in await conn.execute(stmt)]
+
+
+async def set_enabled(
+    conn: AsyncConnection, *, endpoint_pk: int, enabled: bool, reason: str | None
+) -> None:
+    """Enable (clearing its failure record) or disable an endpoint, saying why."""
+    values: dict[str, Any] = {"enabled": enabled, "disabled_reason": None if enabled else reason}
+    if enabled:
+        values["failing_since"] = None
+    await conn.execute(
+        update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_pk).values(**values)
+    )
+
+
+async def set_secret(conn: AsyncConnection, *, endpoint_pk: int, secret: str) -> None:
+    await conn.execute(
+        update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_pk).values(secret=secret)
+    )
+
+
+async def delete_endpoint(conn: AsyncConnection, *, endpoint_pk: int) -> None:
+    """The endpoint and its deliveries."""
+    await conn.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_pk == endpoint_pk))
+    await conn.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_pk))
+
+
+# -- leases: which process delivers to which endpoint --------------------------------------
+
+
+async def has_work(conn: AsyncConnection, *, now: datetime) -> tuple[bool, bool]:
+    """Whether any endpoint is enabled, and whether any delivery is due (a read, so that idle
+    processes take no write lock)."""
+    endpoints = await conn.scalar(
+        select(WebhookEndpoint.id).where(WebhookEndpoint.enabled).limit(1)
+    )
+    due = await conn.scalar(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now)
+        .limit(1)
+    )
+    return endpoints is not None, due is not None
+
+
+async def take_leases(
+    conn: AsyncConnection, *, owner: str, now: datetime, until: datetime, share: bool = True
+) -> list[WebhookEndpointRecord]:
+    """Renew `owner`'s leases and take free ones (expired or never held), up to its share:
+    the enabled endpoints divided by the processes holding live leases, this one included.
+    The endpoints `owner` holds afterwards."""
+    free = or_(WebhookEndpoint.lease_expires_at.is_(None), WebhookEndpoint.lease_expires_at < now)
+    await conn.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.lease_owner == owner, WebhookEndpoint.lease_expires_at >= now)
+        .values(lease_expires_at=until)
+    )
+    enabled = await conn.scalar(
+        select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.enabled)
+    )
+    others = await conn.scalar(
+        select(func.count(func.distinct(WebhookEndpoint.lease_owner))).where(
+            WebhookEndpoint.lease_owner != owner, WebhookEndpoint.lease_expires_at >= now
+        )
+    )
+    held = await conn.scalar(
+        select(func.count())
+        .select_from(WebhookEndpoint)
+        .where(WebhookEndpoint.lease_owner == owner, WebhookEndpoint.lease_expires_at >= now)
+    )
+    limit = -(-int(enabled or 0) // (int(others or 0) + 1)) if share else int(enabled or 0)
+    wanted = max(limit - int(held or 0), 0)
+    if wanted:
+        candidates = await conn.scalars(
+            select(WebhookEndpoint.id)
+            .where(WebhookEndpoint.enabled, free)
+            .order_by(WebhookEndpoint.lease_expires_at.is_not(None), WebhookEndpoint.id)
+            .limit(wanted)
+        )
+        for pk in list(candidates):
+            # Taken only if still free: another process may have taken it meanwhile.
+            await conn.execute(
+                update(WebhookEndpoint)
+                .where(WebhookEndpoint.id == pk, free)
+                .values(lease_owner=owner, lease_expires_at=until)
+            )
+    rows = await conn.execute(
+        select(*_ENDPOINT_COLUMNS).where(
+            WebhookEndpoint.lease_owner == owner,
+            WebhookEndpoint.lease_expires_at >= now,
+            WebhookEndpoint.enabled,
+        )
+    )
+    return [_endpoint(row) for row in rows]
+
+
+async def release_leases(conn: AsyncConnection, *, owner: str) -> None:
+    await conn.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+
+
+# -- after a batch of first attempts --------------------------------------------------------
+
+
+async def record_batch(
+    conn: AsyncConnection,
+    *,
+    owner: str,
+    endpoint_pk: int,
+    cursor: int,
+    deliveries: Sequence[dict[str, Any]],
+    failing_since: datetime | None,
+    healthy: bool,
+) -> bool:
+    """Store a batch's deliveries and move the endpoint's cursor past it, while `owner` still
+    holds the endpoint's lease; False (nothing stored) when it does not."""
+    moved = await conn.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_pk, WebhookEndpoint.lease_owner == owner)
+        .values(
+            cursor=cursor,
+            failing_since=None
+            if healthy
+            else func.coalesce(WebhookEndpoint.failing_since, failing_since),
+        )
+    )
+    if moved.rowcount != 1:
+        return False
+    if deliveries:
+        await conn.execute(insert(WebhookDelivery), list(deliveries))
+    return True
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+async def claim_due(
+    conn: AsyncConnection, *, owner: str, now: datetime, until: datetime, limit: int
+) -> list[WebhookDeliveryRecord]:
+    """Pending deliveries whose next attempt is due, claimed by `owner` until `until` (a claim
+    another process holds is skipped)."""
+    free = or_(WebhookDelivery.claim_expires_at.is_(None), WebhookDelivery.claim_expires_at < now)
+    enabled = select(WebhookEndpoint.id).where(WebhookEndpoint.enabled)
+    due = and_(
+        WebhookDelivery.status == PENDING,
+        WebhookDelivery.next_attempt_at <= now,
+        free,
+        WebhookDelivery.endpoint_pk.in_(enabled),
+    )
+    candidates = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.id).limit(limit)
+    if conn.dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    pks = list(await conn.scalars(candidates))
+    if not pks:
+        return []
+    await conn.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(pks), due)
+        .values(claim_owner=owner, claim_expires_at=until)
+    )
+    rows = await conn.execute(
+        select(*_DELIVERY_COLUMNS)
+        .where(WebhookDelivery.id.in_(pks), WebhookDelivery.claim_owner == owner)
+        .order_by(WebhookDelivery.id)
+    )
+    return [_delivery(row) for row in rows]
+
+
+async def record_attempt(
+    conn: AsyncConnection, *, delivery_pk: int, values: dict[str, Any]
+) -> None:
+    """A retry's outcome (and the end of its claim)."""
+    await conn.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_pk)
+        .values(claim_owner=None, claim_expires_at=None, **values)
+    )
+
+
+async def mark_endpoint(
+    conn: AsyncConnection, *, endpoint_pk: int, healthy: bool, now: datetime
+) -> None:
+    """A retry's effect on its endpoint's health record."""
+    value = None if healthy else func.coalesce(WebhookEndpoint.failing_since, now)
+    await conn.execute(
+        update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_pk).values(failing_since=value)
+    )
+
+
+async def disable_failing(conn: AsyncConnection, *, since: datetime, reason: str) -> list[str]:
+    """Disable the enabled endpoints failing since before `since`; their ids."""
+    rows = await conn.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.enabled, WebhookEndpoint.failing_since < since)
+        .values(enabled=False, disabled_reason=reason, lease_owner=None, lease_expires_at=None)
+        .returning(WebhookEndpoint.endpoint_id)
+    )
+    return [row.endpoint_id for row in rows]
+
+
+# -- reads and replays for operators and partners --------------------------------------------
+
+
+async def list_deliveries(
+    conn: AsyncConnection, *, endpoint_pk: int, limit: int, status: str | None = None
+) -> list[WebhookDeliveryRecord]:
+    """The endpoint's deliveries, newest first."""
+    stmt = (
+        select(*_DELIVERY_COLUMNS)
+        .where(WebhookDelivery.endpoint_pk == endpoint_pk)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    if status is not None:
+        stmt = stmt.where(WebhookDelivery.status == status)
+    return [_delivery(row) for row in await conn.execute(stmt)]
+
+
+async def replay(
+    conn: AsyncConnection, *, endpoint_pk: int, delivery_pks: Sequence[int] | None, now: datetime
+) -> int:
+    """Make deliveries pending again, due now (None: every failed one of the endpoint); how
+    many. A replay is a new series of attempts: its retry window starts again."""
+    stmt = update(WebhookDelivery).where(WebhookDelivery.endpoint_pk == endpoint_pk)
+    if delivery_pks is None:
+        stmt = stmt.where(WebhookDelivery.status == FAILED)
+    else:
+        stmt = stmt.where(WebhookDelivery.id.in_(list(delivery_pks)))
+    result = await conn.execute(
+        stmt.values(
+            status=PENDING,
+            next_attempt_at=now,
+            first_attempt_at=None,
+            claim_owner=None,
+            claim_expires_at=None,
+        )
+    )
+    return int(result.rowcount)
+
+
+async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
+    """Pending deliveries, and the creation time of the oldest (None: none)."""
+    row = (
+        await conn.execute(
+            select(func.count(), func.min(WebhookDelivery.created_at)).where(
+                WebhookDelivery.status == PENDING
+            )
+        )
+    ).one()
+    return int(row[0]), _utc(row[1])
