@@ -6,7 +6,12 @@
 --   * upstream errors whose details the transcoder could not print: empty body, grpc-status and
 --     grpc-message headers;
 --   * local replies: transcoder request failures (400 text/plain), the 5 MB buffer limit (413),
---     the 404/405 routes, upstream connection failures (503) and route timeouts (504).
+--     the 404/405 routes, upstream connection failures (503) and route timeouts (504);
+--   * the change feed's Server-Sent Events (a server-streaming method; the transcoder's
+--     stream_sse_style_delimited): 200 text/event-stream without a gRPC status. It passes through
+--     untouched and unbuffered. A refusal before its first message (credentials, tenant, rate
+--     limit) is a trailers-only gRPC reply, which the transcoder turns into an error status and
+--     the same {"code",...} body as a unary call's, so it gets the same envelope.
 -- Native gRPC calls (request content-type application/grpc*) are never touched.
 --
 -- Envoy's Lua has no JSON library. The decoder below keeps string literals in their raw, escaped
@@ -349,6 +354,22 @@ local function strip_grpc_trailers(handle)
   end
 end
 
+-- A Server-Sent Events stream that started: its messages go to the client as they come.
+-- (A trailers-only error whose details the transcoder could not print is text/event-stream
+-- too, but with an error status and grpc-status: not a started stream.)
+local function started_event_stream(http_status, content_type, grpc_status)
+  return http_status == 200 and (grpc_status == nil or grpc_status == 0)
+    and string.find(content_type, "^text/event%-stream") ~= nil
+end
+
+-- Passes a started stream's chunks on as they arrive (bodyChunks neither buffers nor holds
+-- them), then drops the gRPC status it ends with (HTTP/2 clients would get it as trailers).
+local function pass_event_stream(handle, headers)
+  for _, name in ipairs(GRPC_HEADERS) do headers:remove(name) end
+  for _ in handle:bodyChunks() do end
+  strip_grpc_trailers(handle)
+end
+
 function envoy_on_response(handle)
   local metadata = handle:streamInfo():dynamicMetadata():get(NAMESPACE)
   if metadata == nil or metadata.rest ~= true then return end
@@ -358,6 +379,10 @@ function envoy_on_response(handle)
   local content_type = headers:get("content-type") or ""
   local grpc_status = tonumber(headers:get("grpc-status") or "")
   local grpc_message = headers:get("grpc-message")
+  if started_event_stream(http_status, content_type, grpc_status) then
+    pass_event_stream(handle, headers)
+    return
+  end
   local is_json = string.find(content_type, "^application/json") ~= nil
   local success = http_status < 300 and is_json and (grpc_status == nil or grpc_status == 0)
 

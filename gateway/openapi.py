@@ -7,10 +7,12 @@ GET /api/v1/openapi.json (envoy.yaml). Generated, not written by hand, so it can
 what the transcoder does: every method with a google.api.http rule is one operation, its path
 variables are path parameters, the other fields of a GET's request are query parameters, and
 bodies and replies are the request and response messages as the transcoder prints them
-(proto field names, 64-bit integers as strings, Timestamps as RFC 3339 strings). Descriptions
-are the protos' comments. The error responses are the documented envelopes, one per HTTP status
-of the error vocabulary (server/errors.py), the same classes that gateway/envelope.lua's status
-and message tables are rendered from.
+(proto field names, 64-bit integers as strings, Timestamps as RFC 3339 strings). A
+server-streaming method replies with a Server-Sent Events stream of them (text/event-stream, the
+transcoder's stream_sse_style_delimited), its schema that of one event as OpenAPI 3.1 tools read
+it (`data`: the reply's JSON). Descriptions are the protos' comments. The error responses are
+the documented envelopes, one per HTTP status of the error vocabulary (server/errors.py), the
+same classes that gateway/envelope.lua's status and message tables are rendered from.
 """
 
 from __future__ import annotations
@@ -181,6 +183,29 @@ class _Builder:
             single["type"] = [single["type"], "null"]
         return single
 
+    def success(self, method: descriptor_pb2.MethodDescriptorProto) -> dict[str, Any]:
+        """The 200 reply: the response message, or a stream of them as Server-Sent Events."""
+        reply = self.ref(method.output_type)
+        if not method.server_streaming:
+            return {"description": "Success", "content": {"application/json": {"schema": reply}}}
+        event = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": "One reply, as JSON",
+                    "contentMediaType": "application/json",
+                    "contentSchema": reply,
+                }
+            },
+        }
+        return {
+            "description": "A stream of Server-Sent Events that does not end: one event per "
+            "reply, a `data:` line holding the reply's JSON",
+            "content": {"text/event-stream": {"schema": event}},
+        }
+
     def operation(
         self, service: str, method: descriptor_pb2.MethodDescriptorProto, rule: http_pb2.HttpRule,
         verb: str, path: str, comment: str,
@@ -218,10 +243,7 @@ class _Builder:
             "tags": [service.rsplit(".", 1)[-1]],
             "parameters": parameters,
             "responses": {
-                "200": {
-                    "description": "Success",
-                    "content": {"application/json": {"schema": self.ref(method.output_type)}},
-                },
+                "200": self.success(method),
                 **{
                     status: {"$ref": f"#/components/responses/{status}"}
                     for status in self.error_responses

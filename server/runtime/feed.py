@@ -89,7 +89,8 @@ class FeedHub:
         """The caller's tenant's changes after `after_cursor`, forever; heartbeats when idle.
 
         Sub-tenant `*` (`x-sub-tenant-id: *`) watches every sub-tenant of the tenant, else only
-        the caller's sub-tenant.
+        the caller's sub-tenant. A heartbeat follows `heartbeat_seconds` after the last batch
+        sent, also while other sub-tenants' changes keep the tenant moving.
         """
         if after_cursor < 0:
             raise ValidationFailed([("after_cursor", "after_cursor must not be less than 0")])
@@ -97,11 +98,13 @@ class FeedHub:
         only = None if sub_tenant_id == ALL_SUB_TENANTS else sub_tenant_id
         self._watchers[tenant_id] += 1
         self._connected += 1
+        clock = asyncio.get_running_loop()
         try:
             self._start()
             known = await self._refresh(tenant_id)
             scanned = known if start_at_latest else after_cursor
             yield FeedBatch([], scanned)  # tells the client where it starts
+            heartbeat_at = clock.time() + self.heartbeat_seconds
             while True:
                 if known > scanned:
                     async with self.db.read() as conn:
@@ -114,9 +117,11 @@ class FeedHub:
                     scanned = rows[-1].seq if len(rows) == PAGE else known
                     if rows:
                         yield FeedBatch(rows, scanned)
+                        heartbeat_at = clock.time() + self.heartbeat_seconds
                     continue
-                if not await self._wait_beyond(tenant_id, scanned):
+                if not await self._wait_beyond(tenant_id, scanned, heartbeat_at):
                     yield FeedBatch([], scanned)
+                    heartbeat_at = clock.time() + self.heartbeat_seconds
                 known = self._last.get(tenant_id, 0)
         finally:
             self._connected -= 1
@@ -130,9 +135,8 @@ class FeedHub:
         self._advance(tenant_id, found.get(tenant_id, 0))
         return self._last.get(tenant_id, 0)
 
-    async def _wait_beyond(self, tenant_id: str, cursor: int) -> bool:
-        """Wait until the tenant's last cursor passes `cursor`; False after a heartbeat period."""
-        deadline = asyncio.get_running_loop().time() + self.heartbeat_seconds
+    async def _wait_beyond(self, tenant_id: str, cursor: int, deadline: float) -> bool:
+        """Wait until the tenant's last cursor passes `cursor`; False at `deadline` (loop time)."""
         while not self._closed and self._last.get(tenant_id, 0) <= cursor:
             moved = self._moved  # taken before the check above holds: no wake-up is missed
             try:

@@ -49,7 +49,7 @@ def test_it_is_a_valid_openapi_3_1_document(served: dict[str, Any]) -> None:
     openapi_spec_validator.validate(served)  # the OpenAPI 3.1 meta-schema (raises)
     schema = schemathesis.openapi.from_dict(served)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 7
+    assert len(operations) == 8
     broken = {**served, "paths": {"/x": {"get": {"responses": {"200": {"description": 5}}}}}}
     with pytest.raises(openapi_spec_validator.validation.exceptions.OpenAPIValidationError):
         openapi_spec_validator.validate(broken)
