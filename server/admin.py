@@ -58,7 +58,12 @@ async def _create(db: Database, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _rotate(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     issued = await partners.rotate_secret(db, partner_id=args.partner_id)
-    return asdict(issued)
+    return {name: value for name, value in asdict(issued).items() if value is not None}
+
+
+async def _rotate_webhook_secret(db: Database, args: argparse.Namespace) -> dict[str, Any]:
+    secret = await partners.rotate_webhook_secret(db, partner_id=args.partner_id)
+    return {"partner_id": args.partner_id, "webhook_secret": secret}
 
 
 async def _list(db: Database, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -289,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="partner_command", required=True, metavar="ACTION"
     )
     create = command(
-        partner_commands, "create", _create, "Onboard a partner; prints its key and secret once."
+        partner_commands,
+        "create",
+        _create,
+        "Onboard a partner; prints its key, secret and webhook secret once.",
     )
     partner_arg(create)
     create.add_argument("--name", required=True, type=_text("--name"))
@@ -301,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
             "rotate-secret",
             _rotate,
             "Revoke the partner's credentials and issue new ones.",
+        )
+    )
+    partner_arg(
+        command(
+            partner_commands,
+            "rotate-webhook-secret",
+            _rotate_webhook_secret,
+            "Replace the secret that signs the partner's callback_url deliveries.",
         )
     )
     partner_arg(

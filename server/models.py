@@ -48,6 +48,8 @@ class Partner(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Signs the partner's `callback_url` deliveries (call.processed); `whsec_…`.
+    webhook_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Credential(Base):
@@ -297,7 +299,13 @@ class WebhookDelivery(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    endpoint_pk: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"))
+    # An endpoint's delivery, or (endpoint_pk None) one to a call's callback_url, signed with
+    # the secret of the partner that sent the call.
+    endpoint_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id"), nullable=True
+    )
+    target_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    partner_pk: Mapped[int | None] = mapped_column(ForeignKey("partners.id"), nullable=True)
     event_id: Mapped[str] = mapped_column(String(64))
     event_type: Mapped[str] = mapped_column(String(32))
     cursor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -316,4 +324,21 @@ class WebhookDelivery(Base):
     claim_expires_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True
     )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookOutbox(Base):
+    """Events written in the transaction that causes them, for the dispatcher to fan out into
+    deliveries (and delete). `disposition.changed` needs no row here: the history is its outbox.
+    Today: one `calls` row per ingestion that created calls (`payload`: their call id,
+    customer id and callback URL), which becomes `call.processed` deliveries."""
+
+    __tablename__ = "webhook_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[str] = mapped_column(String(255))
+    sub_tenant_id: Mapped[str] = mapped_column(String(255))
+    partner_pk: Mapped[int] = mapped_column(ForeignKey("partners.id"))
+    payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

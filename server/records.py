@@ -145,10 +145,13 @@ class WebhookEndpointRecord:
 
 @dataclass(frozen=True, slots=True)
 class WebhookDeliveryRecord:
-    """One event for one endpoint and how its attempts went."""
+    """One event for one endpoint (or, without one, for a call's `target_url`, signed with the
+    secret of `partner_pk`) and how its attempts went."""
 
     pk: int
-    endpoint_pk: int
+    endpoint_pk: int | None
+    target_url: str | None
+    partner_pk: int | None
     event_id: str
     event_type: str
     cursor: int | None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,15 +39,27 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from server.db import Database
-from server.records import Caller, ChangeRecord, WebhookEndpointRecord
+from server.records import (
+    Caller,
+    ChangeRecord,
+    WebhookDeliveryRecord,
+    WebhookEndpointRecord,
+)
 from server.rules import webhooks as rules
 from server.runtime.feed import ALL_SUB_TENANTS, FeedHub
 from server.runtime.webhook_http import DeliveryError, WebhookClient
+from server.storage import partners as partner_storage
 from server.storage import webhooks as storage
 
 log = logging.getLogger("disposition.webhooks")
 
 RETRY_BATCH = 50
+OUTBOX_BATCH = 100
+
+
+def _aware(when: datetime) -> datetime:
+    """SQLite gives naive datetimes back; every time here is UTC."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _iso(when: datetime) -> str:
@@ -75,6 +88,32 @@ def disposition_event(change: ChangeRecord) -> tuple[str, bytes]:
     return f"evt_{change.id}", json.dumps(body, separators=(",", ":")).encode()
 
 
+def call_event(
+    *,
+    call_id: str,
+    customer_id: str,
+    tenant_id: str,
+    sub_tenant_id: str,
+    partner_pk: int,
+    at: datetime,
+) -> tuple[str, bytes]:
+    """The `call.processed` event of a created call: its id (stable: derived from the call id,
+    unique per partner) and its body."""
+    digest = hashlib.sha256(f"{partner_pk}:{call_id}".encode()).hexdigest()[:24]
+    body = {
+        "type": rules.CALL_PROCESSED,
+        "timestamp": _iso(at),
+        "data": {
+            "call_id": call_id,
+            "customer_id": customer_id,
+            "tenant_id": tenant_id,
+            "sub_tenant_id": sub_tenant_id,
+            "status": "created",
+        },
+    }
+    return f"evt_call_{digest}", json.dumps(body, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One attempt: when, the status code (None: no reply) and what went wrong (None: 2xx)."""
@@ -87,6 +126,20 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a delivery goes and what signs it: an endpoint, or a call's callback_url signed
+    with its partner's webhook secret. `label` names it in logs (never the secret)."""
+
+    label: str
+    url: str
+    secret: str
+
+    @classmethod
+    def of(cls, endpoint: WebhookEndpointRecord) -> Target:
+        return cls(endpoint.endpoint_id, endpoint.url, endpoint.secret)
 
 
 class WebhookDispatcher:
@@ -117,11 +170,15 @@ class WebhookDispatcher:
         self.client = WebhookClient(timeout_seconds=timeout_seconds, allow_private=allow_private)
         self._followers: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._outbox_wake = asyncio.Event()  # a commit of this process: maybe an outbox row
+        self._due_wake = asyncio.Event()  # deliveries were fanned out: due now
+        db.on_commit(self._outbox_wake.set)
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._keep_leases(), name="webhook-leases"),
             asyncio.create_task(self._retry(), name="webhook-retries"),
+            asyncio.create_task(self._fan_out(), name="webhook-outbox"),
         ]
 
     async def close(self) -> None:
@@ -235,9 +292,11 @@ class WebhookDispatcher:
         """Attempt each event once: started in order, at most max_in_flight at a time."""
         window = asyncio.Semaphore(self.max_in_flight)
 
+        target = Target.of(endpoint)
+
         async def one(event_id: str, body: bytes) -> Outcome:
             try:
-                return await self.attempt(endpoint, event_id, rules.DISPOSITION_CHANGED, body, 1)
+                return await self.attempt(target, event_id, rules.DISPOSITION_CHANGED, body, 1)
             finally:
                 window.release()
 
@@ -257,6 +316,8 @@ class WebhookDispatcher:
     ) -> dict[str, Any]:
         row: dict[str, Any] = {
             "endpoint_pk": endpoint.pk,
+            "target_url": None,
+            "partner_pk": None,
             "event_id": event_id,
             "event_type": rules.DISPOSITION_CHANGED,
             "cursor": change.seq,
@@ -280,20 +341,15 @@ class WebhookDispatcher:
     # -- one attempt -------------------------------------------------------------------------
 
     async def attempt(
-        self,
-        endpoint: WebhookEndpointRecord,
-        event_id: str,
-        event_type: str,
-        body: bytes,
-        number: int,
+        self, target: Target, event_id: str, event_type: str, body: bytes, number: int
     ) -> Outcome:
         """POST one event, signed now; logged (never with the secret or the body)."""
         at, started = self.now(), time.perf_counter()
-        headers = rules.delivery_headers(endpoint.secret, event_id, int(time.time()), body)
+        headers = rules.delivery_headers(target.secret, event_id, int(time.time()), body)
         status_code: int | None = None
         error: str | None
         try:
-            status_code = await self.client.post(endpoint.url, headers, body)
+            status_code = await self.client.post(target.url, headers, body)
             error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
         except TimeoutError:
             error = f"timed out after {self.client.timeout_seconds:g} s"
@@ -305,7 +361,7 @@ class WebhookDispatcher:
         log.info(
             "webhook attempt",
             extra={
-                "endpoint_id": endpoint.endpoint_id,
+                "endpoint_id": target.label,
                 "event_id": event_id,
                 "event_type": event_type,
                 "attempt": number,
@@ -331,10 +387,92 @@ class WebhookDispatcher:
                     log.exception("webhooks: cannot run due retries")
                 failing = True
             if claimed < RETRY_BATCH:
-                await asyncio.sleep(self.retry_poll_seconds)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._due_wake.wait(), self.retry_poll_seconds)
+                self._due_wake.clear()
+
+    # -- the outbox: call.processed ---------------------------------------------------------
+
+    async def _fan_out(self) -> None:
+        failing = False
+        while True:
+            taken = 0
+            try:
+                taken = await self.fan_out()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("webhooks: cannot fan out the outbox")
+                failing = True
+            if taken < OUTBOX_BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._outbox_wake.wait(), self.retry_poll_seconds)
+                self._outbox_wake.clear()
+
+    async def fan_out(self) -> int:
+        """Turn outbox rows into due deliveries (one per receiving endpoint, and one per
+        callback_url), deleting the rows in the same transaction; how many rows."""
+        async with self.db.read() as conn:
+            if not await storage.outbox_waiting(conn):
+                return 0
+        now = self.now()
+        deliveries: list[dict[str, Any]] = []
+        async with self.db.write() as conn:
+            rows = await storage.take_outbox(conn, limit=OUTBOX_BATCH)
+            for row in rows:
+                endpoints = await storage.endpoints_for(
+                    conn,
+                    tenant_id=row.tenant_id,
+                    sub_tenant_id=row.sub_tenant_id,
+                    event_type=rules.CALL_PROCESSED,
+                )
+                for call_id, customer_id, callback_url in json.loads(row.payload):
+                    event_id, body = call_event(
+                        call_id=call_id,
+                        customer_id=customer_id,
+                        tenant_id=row.tenant_id,
+                        sub_tenant_id=row.sub_tenant_id,
+                        partner_pk=row.partner_pk,
+                        at=_aware(row.created_at),
+                    )
+                    due = {"event_id": event_id, "event_type": rules.CALL_PROCESSED,
+                           "cursor": None, "body": body.decode(), "status": storage.PENDING,
+                           "attempts": 0, "next_attempt_at": now, "created_at": now}  # fmt: skip
+                    deliveries += [
+                        {**due, "endpoint_pk": e.pk, "target_url": None, "partner_pk": None}
+                        for e in endpoints
+                    ]
+                    if callback_url:
+                        deliveries.append({**due, "endpoint_pk": None,
+                                           "target_url": callback_url,
+                                           "partner_pk": row.partner_pk})  # fmt: skip
+            await storage.insert_deliveries(conn, deliveries)
+            await storage.delete_outbox(conn, pks=[row.id for row in rows])
+        if deliveries:
+            self._due_wake.set()
+        return len(rows)
+
+    async def _targets(self, conn: Any, due: Sequence[WebhookDeliveryRecord]) -> dict[int, Target]:
+        """Where each delivery goes and its signing secret, as stored now (by delivery)."""
+        endpoints = {e.pk: e for e in await storage.list_endpoints(conn)}
+        secrets_by_partner = await partner_storage.webhook_secrets(
+            conn, partner_pks=[d.partner_pk for d in due if d.partner_pk is not None]
+        )
+        targets: dict[int, Target] = {}
+        for delivery in due:
+            if delivery.endpoint_pk is not None and delivery.endpoint_pk in endpoints:
+                targets[delivery.pk] = Target.of(endpoints[delivery.endpoint_pk])
+            elif delivery.target_url and delivery.partner_pk in secrets_by_partner:
+                targets[delivery.pk] = Target(
+                    f"callback:{delivery.partner_pk}",
+                    delivery.target_url,
+                    secrets_by_partner[delivery.partner_pk],
+                )
+        return targets
 
     async def retry_due(self) -> int:
-        """Attempt the deliveries that are due (of enabled endpoints); how many."""
+        """Attempt the deliveries that are due (first attempts of fanned-out events, and
+        retries); how many."""
         now = self.now()
         timeout = self.client.timeout_seconds
         async with self.db.read() as conn:
@@ -343,24 +481,34 @@ class WebhookDispatcher:
             return 0
         async with self.db.write() as conn:
             due = await storage.claim_due(
-                conn, owner=self.owner, now=now,
-                until=now + timedelta(seconds=timeout * 2 + 10), limit=RETRY_BATCH,
-            )  # fmt: skip
-            endpoints = {
-                endpoint.pk: endpoint
-                for endpoint in await storage.list_endpoints(conn)
-                if any(delivery.endpoint_pk == endpoint.pk for delivery in due)
-            }
+                conn,
+                owner=self.owner,
+                now=now,
+                until=now + timedelta(seconds=timeout * 2 + 10),
+                limit=RETRY_BATCH,
+            )
+            targets = await self._targets(conn, due)
         window = asyncio.Semaphore(self.max_in_flight)
 
-        async def one(delivery: Any) -> None:
+        async def one(delivery: WebhookDeliveryRecord) -> None:
             async with window:
-                endpoint = endpoints[delivery.endpoint_pk]
+                target = targets.get(delivery.pk)
                 number = delivery.attempts + 1
+                if target is None:  # a callback whose partner has no secret any more
+                    async with self.db.write() as conn:
+                        await storage.record_attempt(
+                            conn,
+                            delivery_pk=delivery.pk,
+                            values={
+                                "status": storage.FAILED,
+                                "next_attempt_at": None,
+                                "last_error": "no signing secret",
+                            },
+                        )
+                    return
                 outcome = await self.attempt(
-                    endpoint, delivery.event_id, delivery.event_type, delivery.body.encode(),
-                    number,
-                )  # fmt: skip
+                    target, delivery.event_id, delivery.event_type, delivery.body.encode(), number
+                )
                 first = delivery.first_attempt_at or outcome.at
                 values: dict[str, Any] = {
                     "attempts": number,
@@ -379,9 +527,13 @@ class WebhookDispatcher:
                     values["next_attempt_at"] = outcome.at + timedelta(seconds=delay)
                 async with self.db.write() as conn:
                     await storage.record_attempt(conn, delivery_pk=delivery.pk, values=values)
-                    await storage.mark_endpoint(
-                        conn, endpoint_pk=endpoint.pk, healthy=outcome.ok, now=outcome.at
-                    )
+                    if delivery.endpoint_pk is not None:
+                        await storage.mark_endpoint(
+                            conn,
+                            endpoint_pk=delivery.endpoint_pk,
+                            healthy=outcome.ok,
+                            now=outcome.at,
+                        )
 
         await asyncio.gather(*(one(delivery) for delivery in due))
         return len(due)

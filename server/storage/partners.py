@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import Select, bindparam, delete, exists, insert, or_, select, update
@@ -119,6 +120,7 @@ async def insert_partner(
     name: str,
     rate_limit_per_minute: int | None,
     now: datetime,
+    webhook_secret: str | None = None,
 ) -> int:
     stmt = (
         insert(Partner)
@@ -128,10 +130,27 @@ async def insert_partner(
             enabled=True,
             rate_limit_per_minute=rate_limit_per_minute,
             created_at=now,
+            webhook_secret=webhook_secret,
         )
         .returning(Partner.id)
     )
     return int((await conn.execute(stmt)).scalar_one())
+
+
+async def set_webhook_secret(conn: AsyncConnection, *, partner_pk: int, secret: str) -> None:
+    await conn.execute(
+        update(Partner).where(Partner.id == partner_pk).values(webhook_secret=secret)
+    )
+
+
+async def webhook_secrets(conn: AsyncConnection, *, partner_pks: Sequence[int]) -> dict[int, str]:
+    """The partners' callback signing secrets (partners without one are left out)."""
+    rows = await conn.execute(
+        select(Partner.id, Partner.webhook_secret).where(
+            Partner.id.in_(list(partner_pks)), Partner.webhook_secret.is_not(None)
+        )
+    )
+    return {row.id: row.webhook_secret for row in rows}
 
 
 async def update_partner(

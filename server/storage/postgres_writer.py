@@ -193,6 +193,15 @@ calls_ins AS (
   ON CONFLICT (partner_pk, call_id) DO NOTHING
   RETURNING 1
 ),
+outbox_ins AS (
+  INSERT INTO webhook_outbox (kind, tenant_id, sub_tenant_id, partner_pk, payload, created_at)
+  SELECT o.kind, o.t, o.s, o.partner, o.payload, :now
+  FROM unnest(:outbox_kind::text[], :outbox_t::text[], :outbox_s::text[],
+              :outbox_partner::bigint[], :outbox_payload::text[])
+       AS o(kind, t, s, partner, payload)
+  WHERE (SELECT ok FROM held) AND (SELECT count(*) FROM calls_ins) >= 0
+  RETURNING 1
+),
 key_new AS (
   INSERT INTO idempotency_keys (partner_pk, key, method, fingerprint, response, created_at)
   SELECT :key_partner::bigint, :key::text, :key_method::text, :key_fingerprint::text,
@@ -353,6 +362,7 @@ def write_statement(plan: Plan) -> tuple[str, list[Any]]:
          bulk.db_json(c.custom_fields), c.request_id)
         for c in plan.calls
     ])  # fmt: skip
+    _put(values, "outbox", ("kind", "t", "s", "partner", "payload"), units.outbox_rows(plan))
     key = plan.key
     values.update(
         key_partner=None if key is None else key.partner_pk,

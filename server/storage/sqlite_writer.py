@@ -270,6 +270,10 @@ _CALL_COLUMNS = (
 INSERT_CALL_SQL = (
     f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) VALUES ({', '.join('?' * len(_CALL_COLUMNS))})"
 )
+INSERT_OUTBOX_SQL = (
+    "INSERT INTO webhook_outbox (kind, tenant_id, sub_tenant_id, partner_pk, payload, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
 _NEW_CUSTOMER_COLUMNS = (
     "tenant_id", "sub_tenant_id", "customer_id", "name", "email", "disposition_status",
     "created_at", "updated_at",
@@ -311,6 +315,7 @@ def write(conn: sqlite3.Connection, plan: Plan) -> None:
                  bulk.db_json(c.custom_fields), c.request_id, at)
             )  # fmt: skip
         conn.executemany(INSERT_CALL_SQL, rows)
+        conn.executemany(INSERT_OUTBOX_SQL, [(*row, at) for row in units.outbox_rows(plan)])
     conn.executemany(COUNT_STATUS_SQL, units.status_deltas(plan))
     hour = units.hour_of(plan.now).strftime(bulk.SQLITE_TIME_FORMAT)
     conn.executemany(

@@ -16,12 +16,14 @@ the engine's thread, and more than once), and what it raises rolls the unit back
   the unit then reads and decides again. Units commit concurrently.
 
 Both engines maintain what follows from a plan in the same transaction: each change's history
-row and feed cursor, and the report counters (customers per status, changes per status per UTC
-hour; see `status_deltas` and `hour_deltas`).
+row and feed cursor, the report counters (customers per status, changes per status per UTC
+hour; see `status_deltas` and `hour_deltas`), and the webhook outbox's rows for the calls a plan
+creates (`outbox_rows`; a change's history row is its own event).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple, Protocol, TypeVar
@@ -140,3 +142,37 @@ def hour_deltas(plan: Plan) -> list[tuple[str, str, str, int]]:
         key = (change.tenant_id, change.sub_tenant_id, change.new_status or "")
         counts[key] = counts.get(key, 0) + 1
     return sorted((*key, count) for key, count in counts.items())
+
+
+# -- the webhook outbox ------------------------------------------------------------------------
+
+OUTBOX_CALLS = "calls"
+
+
+class OutboxRow(NamedTuple):
+    """A row of `webhook_outbox`: `payload` is JSON."""
+
+    kind: str
+    tenant_id: str
+    sub_tenant_id: str
+    partner_pk: int
+    payload: str
+
+
+def outbox_rows(plan: Plan) -> list[OutboxRow]:
+    """One `calls` row per tenant, sub-tenant and partner whose calls the plan creates: each
+    call's id, customer id and callback URL (its `call.processed` event to come)."""
+    groups: dict[tuple[str, str, int], list[list[str | None]]] = {}
+    for call in plan.calls:
+        key = (call.tenant_id, call.sub_tenant_id, call.partner_pk)
+        groups.setdefault(key, []).append([call.call_id, call.customer_id, call.callback_url])
+    return [
+        OutboxRow(
+            OUTBOX_CALLS,
+            tenant_id,
+            sub_tenant_id,
+            partner_pk,
+            json.dumps(calls, separators=(",", ":")),
+        )
+        for (tenant_id, sub_tenant_id, partner_pk), calls in groups.items()
+    ]

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.models import FeedSequence, WebhookDelivery, WebhookEndpoint
+from server.models import FeedSequence, WebhookDelivery, WebhookEndpoint, WebhookOutbox
 from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -32,6 +32,8 @@ _ENDPOINT_COLUMNS = (
 _DELIVERY_COLUMNS = (
     WebhookDelivery.id,
     WebhookDelivery.endpoint_pk,
+    WebhookDelivery.target_url,
+    WebhookDelivery.partner_pk,
     WebhookDelivery.event_id,
     WebhookDelivery.event_type,
     WebhookDelivery.cursor,
@@ -77,6 +79,8 @@ def _delivery(row: Row[*tuple[Any, ...]]) -> WebhookDeliveryRecord:
     return WebhookDeliveryRecord(
         pk=row.id,
         endpoint_pk=row.endpoint_pk,
+        target_url=row.target_url,
+        partner_pk=row.partner_pk,
         event_id=row.event_id,
         event_type=row.event_type,
         cursor=row.cursor,
@@ -311,7 +315,7 @@ async def claim_due(
         WebhookDelivery.status == PENDING,
         WebhookDelivery.next_attempt_at <= now,
         free,
-        WebhookDelivery.endpoint_pk.in_(enabled),
+        or_(WebhookDelivery.endpoint_pk.is_(None), WebhookDelivery.endpoint_pk.in_(enabled)),
     )
     candidates = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.id).limit(limit)
     if conn.dialect.name == "postgresql":
@@ -414,3 +418,55 @@ async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
         )
     ).one()
     return int(row[0]), _utc(row[1])
+
+
+# -- the outbox: events written with the change, fanned out into deliveries -------------------
+
+
+async def outbox_waiting(conn: AsyncConnection) -> bool:
+    return await conn.scalar(select(WebhookOutbox.id).limit(1)) is not None
+
+
+async def take_outbox(conn: AsyncConnection, *, limit: int) -> list[Row[Any]]:
+    """The oldest outbox rows, locked until this transaction ends (rows another process is
+    fanning out are skipped on PostgreSQL; SQLite has one writer at a time). The caller deletes
+    them in the same transaction."""
+    stmt = (
+        select(
+            WebhookOutbox.id,
+            WebhookOutbox.kind,
+            WebhookOutbox.tenant_id,
+            WebhookOutbox.sub_tenant_id,
+            WebhookOutbox.partner_pk,
+            WebhookOutbox.payload,
+            WebhookOutbox.created_at,
+        )
+        .order_by(WebhookOutbox.id)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(await conn.execute(stmt))
+
+
+async def delete_outbox(conn: AsyncConnection, *, pks: Sequence[int]) -> None:
+    await conn.execute(delete(WebhookOutbox).where(WebhookOutbox.id.in_(list(pks))))
+
+
+async def endpoints_for(
+    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str, event_type: str
+) -> list[WebhookEndpointRecord]:
+    """The enabled endpoints that receive `event_type` of this tenant and sub-tenant."""
+    rows = await conn.execute(
+        select(*_ENDPOINT_COLUMNS).where(
+            WebhookEndpoint.enabled,
+            WebhookEndpoint.tenant_id == tenant_id,
+            WebhookEndpoint.sub_tenant_id.in_([sub_tenant_id, "*"]),
+        )
+    )
+    return [e for e in map(_endpoint, rows) if event_type in e.events]
+
+
+async def insert_deliveries(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(insert(WebhookDelivery), list(rows))

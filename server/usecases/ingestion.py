@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from server.db import Database
 from server.errors import ValidationFailed
@@ -22,10 +24,14 @@ from server.records import (
     Snapshot,
 )
 from server.rules import catalogs, validation
+from server.rules import webhooks as webhook_rules
+from server.runtime.webhook_http import DeliveryError, RefusedAddress, resolve
 from server.usecases import idempotency
 from server.usecases.catalogs import load_catalog
 
 MAX_BATCH = 1000
+# How long a callback_url's host may take to resolve at ingestion (else: checked at delivery).
+RESOLVE_SECONDS = 2.0
 SOURCE_BATCH_CALL = "batch_call"
 METHOD = "disposition.v1.CallIngestionService/IngestBatchCalls"  # for idempotency keys
 
@@ -171,6 +177,42 @@ def _validate_item(
     return start, end
 
 
+async def check_callbacks(items: Sequence[BatchItem], *, allow_private: bool) -> None:
+    """ValidationFailed for each callback_url that may not receive deliveries: not https, or a
+    host inside the service's network (literal, or resolving there). A host that cannot be
+    resolved now is checked again at delivery."""
+    out: list[tuple[int, str, str]] = []
+    hosts: dict[str, list[tuple[int, str]]] = {}
+    for index, item in enumerate(items):
+        if not item.callback_url:
+            continue
+        at = f"data[{index}].callback_url"
+        problem = webhook_rules.url_problem(item.callback_url, allow_private=allow_private)
+        if problem is not None:
+            out.append((index, at, f"{at} {problem}"))
+        elif not allow_private:
+            host = urlsplit(item.callback_url).hostname or ""
+            hosts.setdefault(host, []).append((index, at))
+
+    async def refused(host: str) -> bool:
+        try:
+            async with asyncio.timeout(RESOLVE_SECONDS):
+                await resolve(host, 443, allow_private=False)
+        except RefusedAddress:
+            return True
+        except (DeliveryError, TimeoutError):
+            pass
+        return False
+
+    found = await asyncio.gather(*(refused(host) for host in hosts))
+    for fields, is_refused in zip(hosts.values(), found, strict=True):
+        if is_refused:
+            out += [(i, at, f"{at} must not point to a private or internal address")
+                    for i, at in fields]  # fmt: skip
+    if out:
+        raise ValidationFailed([(at, message) for _, at, message in sorted(out)])
+
+
 async def ingest_batch(
     db: Database,
     *,
@@ -191,6 +233,7 @@ async def ingest_batch(
         return replayed
     try:
         times = validate_batch(items)  # field rules first, without a unit of work
+        await check_callbacks(items, allow_private=db.settings.webhook_allow_private_urls)
     except ValidationFailed:
         # Name the statuses the catalog refuses in the same reply (nothing is written here).
         async with db.read() as conn:

@@ -5,13 +5,14 @@ credentials and grants they cache (server.runtime.access_cache)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import Database
 from server.records import PartnerRecord
+from server.rules import webhooks
 from server.rules.credentials import hash_secret, new_api_key, new_api_secret
 from server.storage import partners
 
@@ -26,17 +27,20 @@ class UnknownPartner(Exception):
 
 @dataclass(frozen=True, slots=True)
 class IssuedCredential:
-    """Shown once: only the secret's hash is stored."""
+    """Shown once: only the secret's hash is stored. `webhook_secret` (at onboarding) signs the
+    partner's callback_url deliveries."""
 
     partner_id: str
     api_key: str
     api_secret: str
+    webhook_secret: str | None = None
 
 
 async def create_partner(
     db: Database, *, partner_id: str, name: str, rate_limit_per_minute: int | None = None
 ) -> IssuedCredential:
     now = datetime.now(UTC)
+    webhook_secret = webhooks.new_secret()
     async with db.write() as conn:
         if await partners.get_partner(conn, partner_id=partner_id) is not None:
             raise PartnerExists(partner_id)
@@ -46,9 +50,11 @@ async def create_partner(
             name=name,
             rate_limit_per_minute=rate_limit_per_minute,
             now=now,
+            webhook_secret=webhook_secret,
         )
         await partners.bump_access_version(conn)
-        return await _issue(conn, partner_pk=partner_pk, partner_id=partner_id, now=now)
+        issued = await _issue(conn, partner_pk=partner_pk, partner_id=partner_id, now=now)
+    return replace(issued, webhook_secret=webhook_secret)
 
 
 async def rotate_secret(db: Database, *, partner_id: str) -> IssuedCredential:
@@ -59,6 +65,15 @@ async def rotate_secret(db: Database, *, partner_id: str) -> IssuedCredential:
         await partners.revoke_credentials(conn, partner_pk=partner.pk, now=now)
         await partners.bump_access_version(conn)
         return await _issue(conn, partner_pk=partner.pk, partner_id=partner_id, now=now)
+
+
+async def rotate_webhook_secret(db: Database, *, partner_id: str) -> str:
+    """A new secret for the partner's callback_url deliveries, used from the next attempt on."""
+    secret = webhooks.new_secret()
+    async with db.write() as conn:
+        partner = await _require(conn, partner_id)
+        await partners.set_webhook_secret(conn, partner_pk=partner.pk, secret=secret)
+    return secret
 
 
 async def set_enabled(db: Database, *, partner_id: str, enabled: bool) -> None:

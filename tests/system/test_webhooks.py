@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from server.db import Database
 from tests.support.admin import admin
 from tests.support.databases import failing_inserts, settings_for
+from tests.support.payloads import batch_item
 from tests.support.rest import Stack, start_stack
 
 FAST_RETRIES = {"WEBHOOK_RETRY_BASE_SECONDS": "0.2", "WEBHOOK_ALLOW_PRIVATE_URLS": "true"}
@@ -59,7 +60,8 @@ class Receiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                request = Received({k.lower(): v for k, v in self.headers.items()}, body)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                request = Received({**headers, "x-target": self.path}, body)
                 status = receiver.answer(request)
                 with receiver._changed:
                     receiver.received.append(request)
@@ -299,3 +301,72 @@ def test_a_private_url_is_refused_again_at_delivery(
         assert shown[0]["status"] == "pending"
         assert shown[0]["last_error"] == "127.0.0.1 resolves to a private or internal address"
         assert receiver.received == []
+
+
+def ingest(stack: Stack, *items: dict[str, Any]) -> Any:
+    reply = stack.ingest(stack.partner, *items)
+    return reply
+
+
+def test_a_callback_url_gets_one_call_processed_signed_with_the_partners_secret(
+    stack: Stack, receiver: Receiver
+) -> None:
+    done = admin(stack.database_url, "partner", "rotate-webhook-secret", "--partner-id", "123")
+    assert done.returncode == 0, done.stderr
+    secret = json.loads(done.stdout)["webhook_secret"]
+    assert secret.startswith("whsec_")
+    calls_only = create_endpoint(stack, receiver.url, "call.processed")
+    item = {**batch_item("cb-call-1", "customer-cb"), "callback_url": receiver.url + "?call=1"}
+    reply = ingest(stack, item, batch_item("cb-call-2", "customer-cb"))
+    assert reply.status == 200, reply.body
+    got = receiver.wait(lambda got: len(got) == 3)  # the endpoint: 2 calls; the callback: 1
+    by_target: dict[str, list[Received]] = {}
+    for request in got:
+        by_target.setdefault(request.headers["x-target"], []).append(request)
+    (callback,) = by_target["/hooks/disposition?call=1"]
+    payload = Webhook(secret).verify(callback.body, callback.headers)
+    assert payload["type"] == "call.processed"
+    assert payload["data"] == {
+        "call_id": "cb-call-1", "customer_id": "customer-cb", "tenant_id": "tenant1",
+        "sub_tenant_id": "subtenant1", "status": "created",
+    }  # fmt: skip
+    endpoint_calls = by_target["/hooks/disposition"]
+    assert sorted(Webhook(calls_only["secret"]).verify(r.body, r.headers)["data"]["call_id"]
+                  for r in endpoint_calls) == ["cb-call-1", "cb-call-2"]  # fmt: skip
+    # The endpoint's event and the callback's are the same event: the same webhook-id.
+    assert callback.headers["webhook-id"] in {r.headers["webhook-id"] for r in endpoint_calls}
+    # A retried batch: the calls are duplicates, nobody is notified again.
+    assert ingest(stack, item).status == 200
+    put(stack, "interested", "customer-cb")  # a disposition change: not for this endpoint
+    time.sleep(1)
+    assert len(receiver.received) == 3
+
+
+def test_a_callback_url_inside_the_network_makes_the_batch_a_422(
+    database_url: str, tmp_path: Path
+) -> None:
+    for stack in start_stack(tmp_path, database_url):  # private URLs not allowed
+        urls = ["https://hooks.example.com/ok", "http://hooks.example.com/plain",
+                "https://10.1.2.3/x", "https://localhost/x"]  # fmt: skip
+        items = [{**batch_item(f"c{i}", "cust"), "callback_url": url} for i, url in enumerate(urls)]
+        reply = ingest(stack, *items)
+        assert reply.status == 422, reply.body
+        assert json.loads(reply.body)["errors"] == [
+            {"field": "data[1].callback_url",
+             "message": "data[1].callback_url must be an https URL"},
+            {"field": "data[2].callback_url",
+             "message": "data[2].callback_url must not point to a private or internal address"},
+            {"field": "data[3].callback_url",
+             "message": "data[3].callback_url must not point to a private or internal address"},
+        ]  # fmt: skip
+        assert stack.sql("SELECT count(*) FROM calls WHERE call_id LIKE 'c_'")[0][0] == 0
+
+
+def test_partner_create_prints_a_webhook_secret(stack: Stack) -> None:
+    done = admin(stack.database_url, "partner", "create", "--partner-id", "hooked", "--name", "H")
+    assert done.returncode == 0, done.stderr
+    issued = json.loads(done.stdout)
+    assert set(issued) == {"partner_id", "api_key", "api_secret", "webhook_secret"}
+    assert issued["webhook_secret"].startswith("whsec_")
+    rotated = admin(stack.database_url, "partner", "rotate-secret", "--partner-id", "hooked")
+    assert "webhook_secret" not in json.loads(rotated.stdout)  # only the API secret changes
