@@ -54,6 +54,7 @@ from server.storage import webhooks as storage
 log = logging.getLogger("disposition.webhooks")
 
 RETRY_BATCH = 50
+PRUNE_EVERY = timedelta(minutes=1)
 OUTBOX_BATCH = 100
 
 
@@ -170,6 +171,7 @@ class WebhookDispatcher:
         self.client = WebhookClient(timeout_seconds=timeout_seconds, allow_private=allow_private)
         self._followers: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._pruned_at: datetime | None = None
         self._outbox_wake = asyncio.Event()  # a commit of this process: maybe an outbox row
         self._due_wake = asyncio.Event()  # deliveries were fanned out: due now
         db.on_commit(self._outbox_wake.set)
@@ -201,26 +203,7 @@ class WebhookDispatcher:
         failing = False
         while True:
             try:
-                now = self.now()
-                if not self._followers:
-                    async with self.db.read() as conn:
-                        endpoints, _ = await storage.has_work(conn, now=now)
-                    if not endpoints:  # nothing to deliver to: no write, no lock
-                        await asyncio.sleep(self.renew_seconds)
-                        continue
-                async with self.db.write() as conn:
-                    disabled = await storage.disable_failing(
-                        conn, since=now - self.retry_window, reason="failing for 3 days"
-                    )
-                    held = await storage.take_leases(
-                        conn,
-                        owner=self.owner,
-                        now=now,
-                        until=now + timedelta(seconds=self.lease_seconds),
-                    )
-                for endpoint_id in disabled:
-                    log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint_id})
-                self._follow_only(held)
+                await self.renew_leases()
                 failing = False
             except Exception:
                 if not failing:  # once per outage
@@ -228,6 +211,29 @@ class WebhookDispatcher:
                 failing = True
                 self._follow_only([])  # a lease that cannot be renewed may be taken over
             await asyncio.sleep(self.renew_seconds)
+
+    async def renew_leases(self) -> None:
+        """One round: disable endpoints failing for the whole retry window, forget old
+        successful deliveries, renew and take leases, and follow exactly the endpoints held."""
+        now = self.now()
+        if not self._followers:
+            async with self.db.read() as conn:
+                endpoints, _ = await storage.has_work(conn, now=now)
+            if not endpoints:  # nothing to deliver to: no write, no lock
+                return
+        async with self.db.write() as conn:
+            disabled = await storage.disable_failing(
+                conn, since=now - self.retry_window, reason="failing for 3 days"
+            )
+            if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY:
+                await storage.prune_delivered(conn, before=now - self.retry_window)
+                self._pruned_at = now
+            held = await storage.take_leases(
+                conn, owner=self.owner, now=now, until=now + timedelta(seconds=self.lease_seconds)
+            )
+        for endpoint_id in disabled:
+            log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint_id})
+        self._follow_only(held)
 
     def _follow_only(self, held: Sequence[WebhookEndpointRecord]) -> None:
         wanted = {endpoint.pk: endpoint for endpoint in held}

@@ -358,14 +358,35 @@ async def mark_endpoint(
 
 
 async def disable_failing(conn: AsyncConnection, *, since: datetime, reason: str) -> list[str]:
-    """Disable the enabled endpoints failing since before `since`; their ids."""
-    rows = await conn.execute(
-        update(WebhookEndpoint)
-        .where(WebhookEndpoint.enabled, WebhookEndpoint.failing_since < since)
-        .values(enabled=False, disabled_reason=reason, lease_owner=None, lease_expires_at=None)
-        .returning(WebhookEndpoint.endpoint_id)
+    """Disable the enabled endpoints failing since before `since`, and mark their pending
+    deliveries failed (kept for replay); the endpoints' ids."""
+    rows = list(
+        await conn.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.enabled, WebhookEndpoint.failing_since < since)
+            .values(enabled=False, disabled_reason=reason, lease_owner=None, lease_expires_at=None)
+            .returning(WebhookEndpoint.id, WebhookEndpoint.endpoint_id)
+        )
     )
+    if rows:
+        await conn.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.endpoint_pk.in_([row.id for row in rows]),
+                WebhookDelivery.status == PENDING,
+            )
+            .values(status=FAILED, next_attempt_at=None, claim_owner=None, claim_expires_at=None)
+        )
     return [row.endpoint_id for row in rows]
+
+
+async def prune_delivered(conn: AsyncConnection, *, before: datetime) -> None:
+    """Forget deliveries that succeeded before `before` (failed ones are kept for replay)."""
+    await conn.execute(
+        delete(WebhookDelivery).where(
+            WebhookDelivery.status == DELIVERED, WebhookDelivery.delivered_at < before
+        )
+    )
 
 
 # -- reads and replays for operators and partners --------------------------------------------

@@ -1,0 +1,124 @@
+"""The dispatcher's clock-driven rules, on a real database with the clock moved by hand: a
+delivery failing for the whole retry window is marked failed and kept for replay, an endpoint
+failing that long is disabled, and a replay sends again."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from server.db import Database
+from server.runtime.feed import FeedHub
+from server.runtime.webhooks import WebhookDispatcher
+from server.storage import webhooks as storage
+from server.usecases import webhooks
+
+WINDOW = timedelta(days=3)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on: every attempt fails at once (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+
+
+@pytest.fixture
+async def dispatcher(db: Database) -> AsyncIterator[tuple[WebhookDispatcher, Clock]]:
+    clock = Clock()
+    feed = FeedHub(db)
+    sender = WebhookDispatcher(
+        db, feed, timeout_seconds=2, retry_base_seconds=5, allow_private=True, max_in_flight=1,
+        retry_window_seconds=WINDOW.total_seconds(), now=clock,
+    )
+    yield sender, clock
+    await sender.close()
+    await feed.close()
+
+
+async def pending_delivery(db: Database, endpoint_pk: int, at: datetime) -> int:
+    async with db.write() as conn:
+        await storage.insert_deliveries(conn, [{
+            "endpoint_pk": endpoint_pk, "target_url": None, "partner_pk": None,
+            "event_id": "evt_1", "event_type": "disposition.changed", "cursor": 1,
+            "body": '{"type":"disposition.changed"}', "status": storage.PENDING, "attempts": 1,
+            "first_attempt_at": at, "next_attempt_at": at, "created_at": at,
+        }])  # fmt: skip
+        (delivery,) = await storage.list_deliveries(conn, endpoint_pk=endpoint_pk, limit=1)
+    return delivery.pk
+
+
+async def test_a_delivery_failing_for_the_whole_window_is_failed_then_replayed(
+    db: Database, dispatcher: tuple[WebhookDispatcher, Clock]
+) -> None:
+    sender, clock = dispatcher
+    created = await webhooks.create_endpoint(
+        db, tenant_id="t", sub_tenant_id="s", url=closed_port_url(), events=[],
+        allow_private=True,
+    )
+    endpoint = created.endpoint
+    started = clock.now
+    await pending_delivery(db, endpoint.pk, started)
+
+    clock.now = started + timedelta(hours=1)  # inside the window: retried later
+    assert await sender.retry_due() == 1
+    (delivery,) = await webhooks.deliveries(db, endpoint_id=endpoint.endpoint_id)
+    assert (delivery.status, delivery.attempts) == ("pending", 2)
+    assert delivery.last_error is not None and delivery.last_error.startswith("cannot connect")
+    assert delivery.next_attempt_at is not None and delivery.next_attempt_at > clock.now
+
+    clock.now = started + WINDOW + timedelta(seconds=1)  # the window has passed
+    assert await sender.retry_due() == 1
+    (delivery,) = await webhooks.deliveries(db, endpoint_id=endpoint.endpoint_id)
+    assert (delivery.status, delivery.attempts, delivery.next_attempt_at) == ("failed", 3, None)
+    assert await sender.retry_due() == 0  # failed: never attempted again by itself
+
+    replayed = await webhooks.replay(db, endpoint_id=endpoint.endpoint_id, delivery_ids=None)
+    assert replayed == 1
+    (delivery,) = await webhooks.deliveries(db, endpoint_id=endpoint.endpoint_id)
+    assert (delivery.status, delivery.first_attempt_at) == ("pending", None)
+    assert await sender.retry_due() == 1  # a new series of attempts, with its own window
+    (delivery,) = await webhooks.deliveries(db, endpoint_id=endpoint.endpoint_id)
+    assert (delivery.status, delivery.attempts) == ("pending", 4)
+
+
+async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
+    db: Database, dispatcher: tuple[WebhookDispatcher, Clock]
+) -> None:
+    sender, clock = dispatcher
+    created = await webhooks.create_endpoint(
+        db, tenant_id="t", sub_tenant_id="*", url=closed_port_url(), events=[],
+        allow_private=True,
+    )
+    endpoint = created.endpoint
+    started = clock.now
+    await pending_delivery(db, endpoint.pk, started)
+    assert await sender.retry_due() == 1  # fails: the endpoint is failing from now on
+    (listed,) = await webhooks.list_endpoints(db)
+    assert listed.failing_since == started and listed.enabled
+
+    clock.now = started + WINDOW - timedelta(minutes=1)
+    await sender.renew_leases()
+    (listed,) = await webhooks.list_endpoints(db)
+    assert listed.enabled  # not yet
+
+    clock.now = started + WINDOW + timedelta(minutes=1)
+    await sender.renew_leases()
+    (listed,) = await webhooks.list_endpoints(db)
+    assert (listed.enabled, listed.disabled_reason) == (False, "failing for 3 days")
+    (delivery,) = await webhooks.deliveries(db, endpoint_id=endpoint.endpoint_id)
+    assert delivery.status == "failed"  # kept for replay
+
+    enabled = await webhooks.set_enabled(db, endpoint_id=endpoint.endpoint_id, enabled=True)
+    assert (enabled.enabled, enabled.failing_since, enabled.disabled_reason) == (True, None, None)
