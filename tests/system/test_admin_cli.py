@@ -60,7 +60,7 @@ def admin(
     return subprocess.run(
         [str(BIN / "disposition-admin"), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -169,12 +169,12 @@ def test_partner_commands_print_what_they_changed(
     code, issued, _ = admin_(
         "partner", "create", "--partner-id", "acme", "--name", "Acme", "--rate-limit-per-minute",
         "600",
-    )  # fmt: skip
+    )
     assert code == 0 and issued["partner_id"] == "acme"
     assert issued["api_key"].startswith("dk_") and issued["api_secret"].startswith("ds_")
     assert admin_("partner", "set-rate-limit", "--partner-id", "acme", "--per-minute", "1200") == (
         0, {"partner_id": "acme", "rate_limit_per_minute": 1200}, "",
-    )  # fmt: skip
+    )
     for action, enabled in (("disable", False), ("enable", True)):
         changed = admin_("partner", action, "--partner-id", "acme")
         assert changed == (0, {"partner_id": "acme", "enabled": enabled}, "")
@@ -188,3 +188,45 @@ def test_partner_commands_print_what_they_changed(
         ("partner", "set-rate-limit", "--partner-id", "ghost", "--per-minute", "5"),
     ):
         assert admin_(*argv) == (3, None, "disposition-admin: no partner 'ghost'\n")
+
+
+def test_webhook_commands_print_what_they_changed(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def admin_(*argv: str) -> tuple[int, Any, str]:
+        return run(monkeypatch, capsys, database_url, "webhook", *argv)
+
+    monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE_URLS", "true")
+    code, created, _ = admin_(
+        "create", "--tenant-id", "t1", "--sub-tenant-id", "*", "--url", "http://127.0.0.1:9/h",
+        "--event", "call.processed", "--event", "call.processed",
+    )
+    assert code == 0
+    assert created["secret"].startswith("whsec_") and created["id"].startswith("we_")
+    shown = {k: v for k, v in created.items() if k not in ("secret", "created_at")}
+    assert shown == {
+        "id": created["id"], "url": "http://127.0.0.1:9/h", "events": ["call.processed"],
+        "tenant_id": "t1", "sub_tenant_id": "*", "enabled": True, "disabled_reason": None,
+        "failing_since": None,
+    }  # fmt: skip
+    hook = ("--id", created["id"])
+    listed = {k: v for k, v in created.items() if k != "secret"}
+    assert admin_("list") == (0, [listed], "")
+    assert admin_("list", "--tenant-id", "other") == (0, [], "")
+    code, disabled, _ = admin_("disable", *hook)
+    assert (code, disabled["enabled"], disabled["disabled_reason"]) == (
+        0, False, "disabled by an operator",
+    )
+    code, enabled, _ = admin_("enable", *hook)
+    assert (code, enabled["enabled"], enabled["disabled_reason"]) == (0, True, None)
+    code, rotated, _ = admin_("rotate-secret", *hook)
+    assert code == 0 and rotated["secret"] != created["secret"]
+    assert admin_("deliveries", *hook) == (0, [], "")
+    assert admin_("replay", *hook) == (0, {"id": created["id"], "replayed": 0}, "")
+    assert admin_("delete", *hook) == (0, {"id": created["id"], "deleted": True}, "")
+    for argv in (("deliveries", *hook), ("enable", *hook), ("delete", *hook)):
+        assert admin_(*argv) == (3, None, f"disposition-admin: no webhook endpoint "
+                                 f"{created['id']!r}\n")  # fmt: skip
+    monkeypatch.delenv("WEBHOOK_ALLOW_PRIVATE_URLS")
+    refused = admin_("create", "--tenant-id", "t1", "--sub-tenant-id", "s", "--url", "http://x.io")
+    assert refused == (2, None, "disposition-admin: url must be an https URL\n")
