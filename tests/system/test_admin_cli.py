@@ -59,7 +59,11 @@ def admin(
         env["DATABASE_URL"] = database_url
     return subprocess.run(
         [str(BIN / "disposition-admin"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -167,13 +171,21 @@ def test_partner_commands_print_what_they_changed(
         return run(monkeypatch, capsys, database_url, *argv)
 
     code, issued, _ = admin_(
-        "partner", "create", "--partner-id", "acme", "--name", "Acme", "--rate-limit-per-minute",
+        "partner",
+        "create",
+        "--partner-id",
+        "acme",
+        "--name",
+        "Acme",
+        "--rate-limit-per-minute",
         "600",
     )
     assert code == 0 and issued["partner_id"] == "acme"
     assert issued["api_key"].startswith("dk_") and issued["api_secret"].startswith("ds_")
     assert admin_("partner", "set-rate-limit", "--partner-id", "acme", "--per-minute", "1200") == (
-        0, {"partner_id": "acme", "rate_limit_per_minute": 1200}, "",
+        0,
+        {"partner_id": "acme", "rate_limit_per_minute": 1200},
+        "",
     )
     for action, enabled in (("disable", False), ("enable", True)):
         changed = admin_("partner", action, "--partner-id", "acme")
@@ -198,8 +210,17 @@ def test_webhook_commands_print_what_they_changed(
 
     monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE_URLS", "true")
     code, created, _ = admin_(
-        "create", "--tenant-id", "t1", "--sub-tenant-id", "*", "--url", "http://127.0.0.1:9/h",
-        "--event", "call.processed", "--event", "call.processed",
+        "create",
+        "--tenant-id",
+        "t1",
+        "--sub-tenant-id",
+        "*",
+        "--url",
+        "http://127.0.0.1:9/h",
+        "--event",
+        "call.processed",
+        "--event",
+        "call.processed",
     )
     assert code == 0
     assert created["secret"].startswith("whsec_") and created["id"].startswith("we_")
@@ -215,7 +236,9 @@ def test_webhook_commands_print_what_they_changed(
     assert admin_("list", "--tenant-id", "other") == (0, [], "")
     code, disabled, _ = admin_("disable", *hook)
     assert (code, disabled["enabled"], disabled["disabled_reason"]) == (
-        0, False, "disabled by an operator",
+        0,
+        False,
+        "disabled by an operator",
     )
     code, enabled, _ = admin_("enable", *hook)
     assert (code, enabled["enabled"], enabled["disabled_reason"]) == (0, True, None)

@@ -125,7 +125,8 @@ def test_when_the_delivering_replica_dies_the_other_takes_over(
         while not holders:  # its log line follows the receiver's reply
             assert time.monotonic() < deadline, "no replica logged the attempt"
             holders = [
-                server for server in stack.servers
+                server
+                for server in stack.servers
                 if any(line.get("message") == "webhook attempt" for line in server.log_lines())
             ]
             time.sleep(0.05)

@@ -39,8 +39,14 @@ async def dispatcher(db: Database) -> AsyncIterator[tuple[WebhookDispatcher, Clo
     clock = Clock()
     feed = FeedHub(db)
     sender = WebhookDispatcher(
-        db, feed, timeout_seconds=2, retry_base_seconds=5, allow_private=True, max_in_flight=1,
-        retry_window_seconds=WINDOW.total_seconds(), now=clock,
+        db,
+        feed,
+        timeout_seconds=2,
+        retry_base_seconds=5,
+        allow_private=True,
+        max_in_flight=1,
+        retry_window_seconds=WINDOW.total_seconds(),
+        now=clock,
     )
     yield sender, clock
     await sender.close()
@@ -64,7 +70,11 @@ async def test_a_delivery_failing_for_the_whole_window_is_failed_then_replayed(
 ) -> None:
     sender, clock = dispatcher
     created = await webhooks.create_endpoint(
-        db, tenant_id="t", sub_tenant_id="s", url=closed_port_url(), events=[],
+        db,
+        tenant_id="t",
+        sub_tenant_id="s",
+        url=closed_port_url(),
+        events=[],
         allow_private=True,
     )
     endpoint = created.endpoint
@@ -98,7 +108,11 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
 ) -> None:
     sender, clock = dispatcher
     created = await webhooks.create_endpoint(
-        db, tenant_id="t", sub_tenant_id="*", url=closed_port_url(), events=[],
+        db,
+        tenant_id="t",
+        sub_tenant_id="*",
+        url=closed_port_url(),
+        events=[],
         allow_private=True,
     )
     endpoint = created.endpoint
