@@ -9,6 +9,7 @@ devstack/):
 - `http_client`: the plain HTTP client of REST tests and the envelope assertion;
 - `rest`: the REST tests' stack (a server process and Envoy) with its helpers;
 - `admin`: the real `disposition-admin` as a process;
+- `webhooks`: a real webhook receiver and endpoints created with `disposition-admin`;
 - `properties`: the hypothesis settings and the seeded server of the property tests.
 """
 

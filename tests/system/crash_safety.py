@@ -25,6 +25,15 @@ At the end, on the database itself: every customer's history is an unbroken chai
 previous status is the row before's new status, the first starts from nothing) ending in its
 stored status, and its statuses are exactly its acknowledged updates in the order they were
 acknowledged, plus at most its one in-doubt update, last.
+
+Webhooks, through the kills: a real receiver in this process (it outlives every restart) is the
+endpoint of the writers' tenant, all sub-tenants, created with `disposition-admin` before the
+load. It verifies every request's signature (the Standard Webhooks reference library) and answers
+503 to the first attempt of about one event in 20, so retries are exercised too. Once the load
+has stopped, each history row's `disposition.changed` event (webhook-id `evt_<row id>`) must reach
+it with a 2xx answer at least once (the wait gives up after WEBHOOK_STALL_SECONDS without
+progress); repeats are counted (at least once allows them); an event for no history row, or
+with data that is not the row's, is a problem.
 """
 
 from __future__ import annotations
@@ -40,21 +49,35 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
 from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
 from tests.support.databases import PostgresSchemas, settings_for, sql
 from tests.support.payloads import batch_item
+from tests.support.webhooks import Received, Receiver, create_endpoint
 
 UPDATE = "/api/v1/partner/ingest/disposition-status"
 BATCH = "/api/v1/partner/ingest/batch-call"
 READ = "/api/v1/partner/customers/{}/disposition-status"
 CUSTOMERS_PER_WRITER = 400
 CALLS_PER_BATCH = 20
+DISPOSITION_CHANGED = "disposition.changed"
+WEBHOOK_ENV = {
+    "WEBHOOK_ALLOW_PRIVATE_URLS": "true",  # the receiver listens on the loopback
+    "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+    "WEBHOOK_TIMEOUT_SECONDS": "1",  # a killed process's retry claims last 2 x this + 10 s
+}
+# After the load, deliveries stall while a killed process's endpoint lease (10 s) and retry
+# claims (12 s) expire; the check gives up once none has arrived for a minute past that.
+WEBHOOK_STALL_SECONDS = 12 + 60
 
 
 @dataclass
@@ -87,6 +110,9 @@ class Report:
     history_rows_checked: int = 0
     customers_checked: int = 0
     write_failures: dict[int, int] = field(default_factory=dict)  # HTTP status: writes
+    # events (history rows), delivered (2xx at least once), duplicates (more 2xx), retried (first
+    # attempt answered 503), missing, phantoms, wait_s (after the load until all delivered)
+    webhooks: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -245,9 +271,17 @@ class RestartableEnvoy:
 
 
 def run(
-    *, target: str, engine: str, kills: int, writers: int, workdir: Path, postgres_url: str | None
+    *,
+    target: str,
+    engine: str,
+    kills: int,
+    writers: int,
+    workdir: Path,
+    postgres_url: str | None,
+    webhooks: bool = True,
 ) -> Report:
-    """One crash run; the report's `problems` lists every violation found (empty: it held)."""
+    """One crash run; the report's `problems` lists every violation found (empty: it held).
+    Without `webhooks`, no endpoint is created and deliveries are not checked."""
     report = Report(target, engine)
     if engine == "postgres":
         assert postgres_url is not None
@@ -259,15 +293,23 @@ def run(
     # A graceful restart as deployed: the server reports NOT_SERVING and keeps serving for
     # longer than Envoy's health-check interval (1 s) before it stops taking calls.
     drain = {"SHUTDOWN_DRAIN_SECONDS": "1.5"} if target == "server-term" else {}
-    server = ServerProcess(database_url, workdir / "server.log", **drain)
+    server = ServerProcess(database_url, workdir / "server.log", **WEBHOOK_ENV, **drain)
+    receiver = Receiver().start()
     try:
         port = server.start()
         if engine == "sqlite":
             assert settings_for(database_url).sqlite_path() is not None
         server.env["GRPC_PORT"] = str(port)  # restarts come back behind the same Envoy
         partner = onboard_at(database_url, "crash", rate_limit_per_minute=100_000_000)
-        envoy = RestartableEnvoy(port, workdir / "envoy.log")
+        with ThreadPoolExecutor(1) as background:  # the admin CLI starts up while Envoy does
+            endpoint = background.submit(
+                create_endpoint, database_url, receiver.url, tenant_id=partner.tenant_id,
+                sub_tenant_id="*", events=[DISPOSITION_CHANGED],
+            ) if webhooks else None  # fmt: skip
+            envoy = RestartableEnvoy(port, workdir / "envoy.log")
         try:
+            if endpoint is not None:
+                receiver.answer = WebhookPartner(endpoint.result()["secret"])
             gateway = Gateway(envoy.ports.http_port)
             _wait_for_route(gateway, partner)
             seed(gateway, partner, writers)
@@ -285,16 +327,23 @@ def run(
                         gateway.port = envoy.kill_and_restart().http_port
                     report.kills += 1
                 time.sleep(1.0)  # writes after the last restart too
+            stopped = time.monotonic()
             report.problems += load.errors
             _wait_for_route(gateway, partner)
             check(report, *read_database(database_url), load.attempts, load.batches)
             check_counters(report, database_url)
+            if endpoint is not None:
+                events = read_events(database_url, partner.tenant_id)
+                received = wait_for_deliveries(receiver, events, WEBHOOK_STALL_SECONDS)
+                check_webhooks(report, events, received)
+                report.webhooks["wait_s"] = round(time.monotonic() - stopped, 1)
             report.write_failures = dict(sorted(gateway.write_failures.items()))
             if target == "server-term":
                 _check_graceful(report)
         finally:
             envoy.close()
     finally:
+        receiver.stop()
         if server.process is not None and server.process.poll() is None:
             server.stop()
         if schemas is not None:
@@ -426,6 +475,98 @@ def check_counters(report: Report, database_url: str) -> None:
     for name, rows in maintained.items():
         if sorted(map(tuple, rows)) != sorted(map(tuple, scanned[name])):
             report.problems.append(f"the summary's {name} counters disagree with the rows")
+
+
+class WebhookPartner:
+    """How the receiver answers, as a partner's would: 400 to a request whose signature does not
+    verify, 503 to the first attempt of about one event in 20 (chosen by its id), 200 otherwise."""
+
+    def __init__(self, secret: str) -> None:
+        self.webhook = Webhook(secret)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Received) -> int:
+        try:
+            self.webhook.verify(request.body, request.headers)
+        except WebhookVerificationError:
+            return 400
+        event_id = request.headers["webhook-id"]
+        with self._lock:
+            first = event_id not in self._seen
+            self._seen.add(event_id)
+        return 503 if first and zlib.crc32(event_id.encode()) % 20 == 0 else 200
+
+
+Event = dict[str, str]  # the fields of a disposition.changed event's data that name its change
+
+
+def read_events(database_url: str, tenant_id: str) -> dict[str, Event]:
+    """The `disposition.changed` event of every history row of the tenant, by webhook-id."""
+    rows = sql(database_url, "SELECT h.id, h.seq, c.customer_id, h.previous_status, h.new_status"
+               " FROM disposition_history h JOIN customers c ON c.id = h.customer_pk"
+               " WHERE h.tenant_id = :tenant_id", tenant_id=tenant_id)  # fmt: skip
+    return {
+        f"evt_{pk}": {"customer_id": customer, "cursor": str(seq),
+                      "previous_status": previous or "", "disposition_status": new or ""}
+        for pk, seq, customer, previous, new in rows
+    }  # fmt: skip
+
+
+def wait_for_deliveries(
+    receiver: Receiver, event_ids: Iterable[str], stall_seconds: float
+) -> list[Received]:
+    """What the receiver got, once it answered 2xx to each event at least once (or once none
+    of the events still missing had arrived for `stall_seconds`)."""
+    waiting = set(event_ids)
+    progressed = time.monotonic()
+    seen = 0
+    while waiting and time.monotonic() - progressed < stall_seconds:
+        time.sleep(0.1)
+        received = list(receiver.received)
+        delivered = {r.headers["webhook-id"] for r in received[seen:] if 200 <= r.status < 300}
+        seen = len(received)
+        if waiting & delivered:
+            waiting -= delivered
+            progressed = time.monotonic()
+    return list(receiver.received)
+
+
+def check_webhooks(report: Report, events: dict[str, Event], received: list[Received]) -> None:
+    """Every event answered 2xx at least once; every request signed and for a change the
+    history holds, with that change's data."""
+    delivered: collections.Counter[str] = collections.Counter()
+    retried = phantoms = 0
+    for request in received:
+        event_id = request.headers.get("webhook-id", "")
+        if request.status == 400:
+            report.problems.append(f"webhook {event_id}: the signature does not verify")
+            continue
+        event = request.event
+        data = event.get("data", {})
+        expected = events.get(event_id)
+        if (
+            event.get("type") != DISPOSITION_CHANGED
+            or expected is None
+            or {k: data.get(k) for k in expected} != expected
+        ):
+            phantoms += 1
+            report.problems.append(f"webhook {event_id}: no such change in the history: {data}")
+        elif 200 <= request.status < 300:
+            delivered[event_id] += 1
+        else:
+            retried += 1
+    missing = [event_id for event_id in events if event_id not in delivered]
+    if missing:
+        report.problems.append(f"{len(missing)} webhook events never delivered: {missing[:5]}…")
+    report.webhooks = {
+        "events": len(events),
+        "delivered": len(delivered),
+        "duplicates": sum(delivered.values()) - len(delivered),
+        "retried": retried,
+        "missing": len(missing),
+        "phantoms": phantoms,
+    }
 
 
 def _check_graceful(report: Report) -> None:

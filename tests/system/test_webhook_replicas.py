@@ -22,7 +22,7 @@ from tests.support.admin import admin
 from tests.support.http_client import call
 from tests.support.payloads import batch_item
 from tests.support.rest import BATCH, UPDATE
-from tests.system.test_webhooks import Receiver
+from tests.support.webhooks import Receiver
 
 SERVER_ENV = {"WEBHOOK_ALLOW_PRIVATE_URLS": "true", "WEBHOOK_RETRY_BASE_SECONDS": "0.2"}
 
