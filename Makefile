@@ -102,7 +102,7 @@ breaking: install $(BUF) ## buf breaking against a git ref (AGAINST=main by defa
 
 BENCH_TOOLS := wrk h2load
 .PHONY: bench
-bench: install ## Benchmark: load vs ceiling, engines, feed, counters, reports, scale (BENCH_ARGS=--help)
+bench: install ## Benchmark: load vs ceiling, engines, feed, counters, reports, scale, webhooks (BENCH_ARGS=--help)
 	@for tool in $(BENCH_TOOLS); do command -v $$tool >/dev/null || { \
 	  echo "installing wrk and nghttp2-client (h2load) from Debian's packages"; \
 	  apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null; break; }; done

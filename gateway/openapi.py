@@ -29,7 +29,13 @@ from gateway.envoy_config import DEFAULT_DESCRIPTOR
 from server import errors
 
 DEFAULT_OUT = DEFAULT_DESCRIPTOR.parent / "openapi.json"
-SERVICES = ("disposition.v1.DispositionService", "disposition.v1.CallIngestionService")
+SERVICES = (
+    "disposition.v1.DispositionService",
+    "disposition.v1.CallIngestionService",
+    "disposition.v1.WebhookService",
+)
+# The methods that honour an `Idempotency-Key` header (their servicers pass it on).
+IDEMPOTENT_METHODS = frozenset({"BatchUpdateDispositionStatus", "IngestBatchCalls"})
 SPEC_PATH = "/api/v1/openapi.json"
 MAX_BODY_BYTES = 5 * 1024 * 1024
 
@@ -234,7 +240,7 @@ class _Builder:
             if field.name in comments:
                 parameter["description"] = comments[field.name]
             parameters.append(parameter)
-        if verb == "post":
+        if method.name in IDEMPOTENT_METHODS:
             parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
         operation: dict[str, Any] = {
             "operationId": method.name,

@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
             "List an endpoint's deliveries, newest first.",
         )
     )
-    listing.add_argument("--status", choices=["pending", "delivered", "failed"])
+    listing.add_argument("--status", choices=webhooks.DELIVERY_STATUSES)
     listing.add_argument("--limit", type=_positive, default=webhooks.DELIVERIES_LIMIT)
     endpoint_arg(
         command(

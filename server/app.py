@@ -20,6 +20,12 @@ from disposition.v1 import (
 from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
+from disposition.v1 import (
+    webhook_service_pb2 as webhook_pb2,
+)
+from disposition.v1 import (
+    webhook_service_pb2_grpc as webhook_grpc,
+)
 from server.db import Database
 from server.interceptors import ServiceInterceptor
 from server.metrics import Metrics
@@ -29,10 +35,12 @@ from server.runtime.ratelimit import InProcessRateLimiter, RateLimiter, RedisRat
 from server.runtime.webhooks import WebhookDispatcher
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
+from server.webhook_servicer import WebhookService
 
 SERVICE_NAMES = (
     disposition_pb2.DESCRIPTOR.services_by_name["DispositionService"].full_name,
     ingestion_pb2.DESCRIPTOR.services_by_name["CallIngestionService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 
@@ -96,6 +104,7 @@ class App:
         ingestion_grpc.add_CallIngestionServiceServicer_to_server(
             CallIngestionService(db), self.server
         )
+        webhook_grpc.add_WebhookServiceServicer_to_server(WebhookService(db), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -108,8 +117,11 @@ class App:
             allow_private=settings.webhook_allow_private_urls,
             max_in_flight=settings.webhook_max_in_flight,
             retry_window_seconds=settings.webhook_retry_window_seconds,
+            observer=self.metrics.webhooks,
+            track_backlog=settings.metrics_port is not None,
         )
         self.metrics.watch_state(db, lambda: self.feed.watcher_count)
+        self.metrics.watch_webhook_backlog(lambda: self.webhooks.backlog)
         self.port = 0
         self.metrics_port: int | None = None
 

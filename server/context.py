@@ -6,6 +6,8 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from server.records import Caller
+
 
 @dataclass(slots=True)
 class RequestContext:
@@ -28,3 +30,11 @@ current: ContextVar[RequestContext] = ContextVar("disposition_request")
 def get() -> RequestContext:
     """The context of the RPC being served (raises LookupError outside one)."""
     return current.get()
+
+
+def caller() -> Caller:
+    """Who the RPC being served acts for, once the interceptor's gates passed."""
+    ctx = current.get()
+    assert ctx.partner_pk is not None and ctx.partner_id is not None
+    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
+    return Caller(ctx.partner_pk, ctx.partner_id, ctx.tenant_id, ctx.sub_tenant_id, ctx.request_id)

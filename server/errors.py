@@ -189,26 +189,51 @@ class NotFound(ServiceError):
     http_status = 404
     default_message = "Not found"
     reason = "NOT_FOUND"
-    origin: ClassVar[Origin] = "gateway"  # CustomerNotFound, raised by the server, is one too
+    origin: ClassVar[Origin] = "gateway"  # its subclasses below are raised by the server
 
 
-class CustomerNotFound(NotFound):
+class _ResourceNotFound(NotFound):
+    """A resource the server looked for is missing (404, with a ResourceInfo naming it); not an
+    error of its own, only what the classes below share."""
+
+    origin = "server"
+    detail_types = ("google.rpc.ResourceInfo",)
+    resource_type: ClassVar[str]
+
+    def __init__(self, resource_name: str) -> None:
+        super().__init__()
+        self.resource_name = resource_name
+
+    def details(self) -> list[any_pb2.Any]:
+        resource = error_details_pb2.ResourceInfo(
+            resource_type=self.resource_type, resource_name=self.resource_name
+        )
+        return [*super().details(), _pack(resource)]
+
+
+class CustomerNotFound(_ResourceNotFound):
     """No customer with this id in the caller's tenant and sub-tenant (404)."""
 
     default_message = "Customer not found"
     reason = "CUSTOMER_NOT_FOUND"
-    origin = "server"
-    detail_types = ("google.rpc.ResourceInfo",)
+    resource_type = "customer"
 
-    def __init__(self, customer_id: str) -> None:
-        super().__init__()
-        self.customer_id = customer_id
 
-    def details(self) -> list[any_pb2.Any]:
-        resource = error_details_pb2.ResourceInfo(
-            resource_type="customer", resource_name=self.customer_id
-        )
-        return [*super().details(), _pack(resource)]
+class WebhookEndpointNotFound(_ResourceNotFound):
+    """No webhook endpoint with this id of the calling partner in the caller's tenant and
+    sub-tenant (404)."""
+
+    default_message = "Webhook endpoint not found"
+    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
+    resource_type = "webhook_endpoint"
+
+
+class WebhookDeliveryNotFound(_ResourceNotFound):
+    """No delivery with this id of the webhook endpoint (404)."""
+
+    default_message = "Webhook delivery not found"
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+    resource_type = "webhook_delivery"
 
 
 class RateLimited(ServiceError):
@@ -313,11 +338,14 @@ class GatewayTimeout(ServiceError):
 
 
 def service_errors() -> Iterator[type[ServiceError]]:
-    """ServiceError and every subclass: each parent before its children, in declaration order."""
+    """ServiceError and every subclass: each parent before its children, in declaration order.
+    A private class (`_ResourceNotFound`) is what its children share, not an error of its own:
+    only its children are listed."""
     pending: list[type[ServiceError]] = [ServiceError]
     while pending:
         cls = pending.pop(0)
-        yield cls
+        if not cls.__name__.startswith("_"):
+            yield cls
         pending[0:0] = cls.__subclasses__()
 
 

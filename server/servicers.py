@@ -26,8 +26,9 @@ from disposition.v1 import (
     disposition_service_pb2_grpc as disposition_grpc,
 )
 from server import context as request_context
+from server.context import caller as _caller
 from server.db import Database
-from server.records import Caller, ChangeRecord
+from server.records import ChangeRecord
 from server.runtime.feed import FeedHub
 from server.usecases import (
     batch_updates,
@@ -241,14 +242,6 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
                 customer_created=item.customer_created,
             )
         return reply
-
-
-def _caller() -> Caller:
-    """Who the RPC acts for: the request context once the interceptor's gates passed."""
-    ctx = request_context.get()
-    assert ctx.partner_pk is not None and ctx.partner_id is not None
-    assert ctx.tenant_id is not None and ctx.sub_tenant_id is not None
-    return Caller(ctx.partner_pk, ctx.partner_id, ctx.tenant_id, ctx.sub_tenant_id, ctx.request_id)
 
 
 def _idempotency_key() -> str | None:

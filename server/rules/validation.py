@@ -65,6 +65,15 @@ def one_of(out: Violations, field: str, value: str, choices: Sequence[str]) -> N
     out.append((field, f"{field} must be one of: {text}"))
 
 
+def page_size(out: Violations, field: str, value: int, *, default: int, maximum: int) -> int:
+    """A page size from 0 (the default) to `maximum`; how many to list."""
+    if value < 0:
+        out.append((field, f"{field} must not be less than 0"))
+    elif value > maximum:
+        out.append((field, f"{field} must not be greater than {maximum}"))
+    return value or default
+
+
 def optional_email(out: Violations, field: str, value: str) -> None:
     if value and (len(value) > 320 or not _EMAIL.match(value)):
         out.append((field, f"{field} must be an email"))

@@ -86,6 +86,10 @@ def url_problem(url: str, *, allow_private: bool) -> str | None:
     allowed = ("https", "http") if allow_private else ("https",)
     if parts.scheme not in allowed or not parts.hostname:
         return "must be an https URL"
+    try:
+        parts.hostname.encode("idna")  # what resolving it needs (no empty or overlong label)
+    except UnicodeError:
+        return "must be a valid URL"
     if parts.username is not None or parts.password is not None:
         return "must not contain credentials"
     if port == 0:

@@ -33,6 +33,15 @@ ALL_SUB_TENANTS = "*"
 PAGE = 500
 
 
+async def wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set or `seconds` pass. (asyncio.timeout, not wait_for: on Python 3.11,
+    wait_for can swallow a cancellation that arrives as the event is set, and a task being
+    stopped would then run on.)"""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 @dataclass(frozen=True, slots=True)
 class FeedBatch:
     """Changes in cursor order (empty for a heartbeat) and the cursor to resume from."""
@@ -185,8 +194,7 @@ class FeedHub:
         while self._watchers and not self._closed:
             # With commits pushed, these reads are only a safety net.
             period = self.safety_poll_seconds if self.pushed else self.poll_seconds
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._read_now.wait(), period)
+            await wait_or_timeout(self._read_now, period)
             self._read_now.clear()
             try:
                 async with self.db.read() as conn:

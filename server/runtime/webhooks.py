@@ -20,6 +20,10 @@ a rolled-back one never does. Each endpoint keeps the cursor of the last change 
 
 The API never waits for a receiver: all of this runs beside the request handlers, and nothing
 on a request's path reads or writes webhook state.
+
+Observability: each attempt is logged (one JSON line, never the secret or the body) and
+reported to a `DeliveryObserver` (the metrics); with `track_backlog`, the backlog is read every
+`BACKLOG_SECONDS` into `backlog`, which metrics scrapes read from memory.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from server.db import Database
 from server.records import (
@@ -46,7 +50,7 @@ from server.records import (
     WebhookEndpointRecord,
 )
 from server.rules import webhooks as rules
-from server.runtime.feed import ALL_SUB_TENANTS, FeedHub
+from server.runtime.feed import ALL_SUB_TENANTS, FeedHub, wait_or_timeout
 from server.runtime.webhook_http import DeliveryError, WebhookClient
 from server.storage import partners as partner_storage
 from server.storage import webhooks as storage
@@ -54,8 +58,19 @@ from server.storage import webhooks as storage
 log = logging.getLogger("disposition.webhooks")
 
 RETRY_BATCH = 50
+CLOSE_SECONDS = 5.0
+UNGRANTED = "the partner is disabled or no longer granted this tenant"
 PRUNE_EVERY = timedelta(minutes=1)
 OUTBOX_BATCH = 100
+OUTBOX_LINGER_SECONDS = 0.05
+# How often the backlog is read for metrics, and how far each of its counts goes.
+BACKLOG_SECONDS = 2.0
+BACKLOG_CAP = 10_000
+
+# What became of an attempt (the metrics' outcomes): delivered, or failed and tried again
+# later, or failed for good (retries ran out, or there is nothing to sign it with).
+DELIVERED, RETRY_SCHEDULED, FAILED = storage.DELIVERED, "retry_scheduled", storage.FAILED
+CALLBACK = "callback"  # the metrics' endpoint label of every callback_url delivery
 
 
 def _aware(when: datetime) -> datetime:
@@ -115,6 +130,42 @@ def call_event(
     return f"evt_call_{digest}", json.dumps(body, separators=(",", ":")).encode()
 
 
+class DeliveryObserver(Protocol):
+    """Told of each attempt's result, on the event loop (server/metrics.py)."""
+
+    def attempted(
+        self, endpoint_id: str, outcome: str, seconds: float | None, latency: float | None
+    ) -> None:
+        """`endpoint_id`: the endpoint's id, or CALLBACK; `outcome`: DELIVERED,
+        RETRY_SCHEDULED or FAILED; `seconds`: the attempt's duration (None: none was made);
+        `latency`: from the event to its 2xx (delivered only)."""
+
+
+class _Unobserved:
+    def attempted(
+        self, endpoint_id: str, outcome: str, seconds: float | None, latency: float | None
+    ) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookBacklog:
+    """What waits for delivery, as read at `read_at` (each count stops at BACKLOG_CAP):
+    pending deliveries of callbacks and enabled endpoints, outbox rows not yet fanned out,
+    changes past an enabled endpoint's cursor (disposition.changed not yet attempted), when
+    the oldest of these was made (a pending delivery's creation: for a change, its first
+    attempt; an outbox row's; a change's own), and the endpoints by state."""
+
+    pending: int
+    outbox: int
+    changes: int
+    oldest: datetime | None
+    healthy: int
+    failing: int
+    disabled: int
+    read_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One attempt: when, the status code (None: no reply) and what went wrong (None: 2xx)."""
@@ -129,6 +180,19 @@ class Outcome:
         return self.error is None
 
 
+async def _may_receive(conn: Any, endpoint: WebhookEndpointRecord) -> bool:
+    """An operator's endpoint always; a partner's while the partner is enabled and granted the
+    endpoint's tenant and sub-tenant."""
+    if endpoint.partner_pk is None:
+        return True
+    return await partner_storage.may_receive(
+        conn,
+        partner_pk=endpoint.partner_pk,
+        tenant_id=endpoint.tenant_id,
+        sub_tenant_id=endpoint.sub_tenant_id,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a delivery goes and what signs it: an endpoint, or a call's callback_url signed
@@ -137,10 +201,16 @@ class Target:
     label: str
     url: str
     secret: str
+    callback: bool = False
 
     @classmethod
     def of(cls, endpoint: WebhookEndpointRecord) -> Target:
         return cls(endpoint.endpoint_id, endpoint.url, endpoint.secret)
+
+    @property
+    def endpoint_id(self) -> str:
+        """Its metrics label: the endpoint's id, or CALLBACK (one label for every callback)."""
+        return CALLBACK if self.callback else self.label
 
 
 class WebhookDispatcher:
@@ -157,6 +227,8 @@ class WebhookDispatcher:
         lease_seconds: float = 10.0,
         renew_seconds: float = 2.0,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        observer: DeliveryObserver | None = None,
+        track_backlog: bool = False,
     ) -> None:
         self.db = db
         self.feed = feed
@@ -169,12 +241,16 @@ class WebhookDispatcher:
         self.now = now
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.client = WebhookClient(timeout_seconds=timeout_seconds, allow_private=allow_private)
-        self._followers: dict[int, asyncio.Task[None]] = {}
+        # By endpoint id, not row id: SQLite gives a deleted endpoint's row id to the next one.
+        self._followers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pruned_at: datetime | None = None
         self._outbox_wake = asyncio.Event()  # a commit of this process: maybe an outbox row
         self._due_wake = asyncio.Event()  # deliveries were fanned out: due now
         db.on_commit(self._outbox_wake.set)
+        self.observer: DeliveryObserver = observer or _Unobserved()
+        self.track_backlog = track_backlog
+        self.backlog: WebhookBacklog | None = None  # the last reading (track_backlog)
 
     def start(self) -> None:
         self._tasks = [
@@ -182,19 +258,21 @@ class WebhookDispatcher:
             asyncio.create_task(self._retry(), name="webhook-retries"),
             asyncio.create_task(self._fan_out(), name="webhook-outbox"),
         ]
+        if self.track_backlog:
+            self._tasks.append(asyncio.create_task(self._watch_backlog(), name="webhook-backlog"))
 
     async def close(self) -> None:
         """Stop delivering and hand the endpoints back (another process takes them at once)."""
         tasks = [*self._tasks, *self._followers.values()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:  # bounded: a stop never waits on a receiver
+            await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
         self._followers.clear()
         with contextlib.suppress(Exception):
             async with self.db.write() as conn:
                 await storage.release_leases(conn, owner=self.owner)
+                await storage.release_claims(conn, owner=self.owner)
         await self.client.close()
 
     # -- leases ------------------------------------------------------------------------------
@@ -225,6 +303,12 @@ class WebhookDispatcher:
             disabled = await storage.disable_failing(
                 conn, since=now - self.retry_window, reason="failing for 3 days"
             )
+            for endpoint in await storage.list_endpoints(conn):
+                if endpoint.enabled and not await _may_receive(conn, endpoint):
+                    await storage.set_enabled(
+                        conn, endpoint_pk=endpoint.pk, enabled=False, reason=UNGRANTED
+                    )
+                    disabled.append(endpoint.endpoint_id)
             if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY:
                 await storage.prune_delivered(conn, before=now - self.retry_window)
                 self._pruned_at = now
@@ -236,16 +320,16 @@ class WebhookDispatcher:
         self._follow_only(held)
 
     def _follow_only(self, held: Sequence[WebhookEndpointRecord]) -> None:
-        wanted = {endpoint.pk: endpoint for endpoint in held}
-        for pk in list(self._followers):
-            task = self._followers[pk]
-            if pk not in wanted or task.done():
+        wanted = {endpoint.endpoint_id: endpoint for endpoint in held}
+        for endpoint_id in list(self._followers):
+            task = self._followers[endpoint_id]
+            if endpoint_id not in wanted or task.done():
                 task.cancel()
-                del self._followers[pk]
-        for pk, endpoint in wanted.items():
-            if pk not in self._followers:
-                self._followers[pk] = asyncio.create_task(
-                    self._follow(endpoint), name=f"webhook-{endpoint.endpoint_id}"
+                del self._followers[endpoint_id]
+        for endpoint_id, endpoint in wanted.items():
+            if endpoint_id not in self._followers:
+                self._followers[endpoint_id] = asyncio.create_task(
+                    self._follow(endpoint), name=f"webhook-{endpoint_id}"
                 )
 
     # -- first attempts, in cursor order ---------------------------------------------------
@@ -267,8 +351,12 @@ class WebhookDispatcher:
             # As stored now: a disable, a new secret or URL applies from the next batch on.
             async with self.db.read() as conn:
                 current = await storage.endpoint_by_pk(conn, pk=endpoint.pk)
-            if current is None or not current.enabled:
+            if current is None or current.endpoint_id != endpoint.endpoint_id:
+                return  # deleted (its row id may be another endpoint's now)
+            if not current.enabled:
                 return  # the lease loop stops following it
+            if not await self._owner_may_receive(current):
+                return
             deliveries: list[dict[str, Any]] = []
             healthy = True
             if rules.DISPOSITION_CHANGED in current.events:
@@ -284,6 +372,7 @@ class WebhookDispatcher:
                     conn,
                     owner=self.owner,
                     endpoint_pk=current.pk,
+                    endpoint_id=current.endpoint_id,
                     cursor=batch.cursor,
                     deliveries=deliveries,
                     failing_since=self.now(),
@@ -291,6 +380,19 @@ class WebhookDispatcher:
                 )
             if not kept:  # the lease went to another process, which sends from the cursor
                 return
+
+    async def _owner_may_receive(self, endpoint: WebhookEndpointRecord) -> bool:
+        """False (and the endpoint disabled, saying why) when its partner may no longer
+        receive its tenant's events: nothing is sent to it from then on."""
+        async with self.db.read() as conn:
+            if await _may_receive(conn, endpoint):
+                return True
+        async with self.db.write() as conn:
+            await storage.set_enabled(
+                conn, endpoint_pk=endpoint.pk, enabled=False, reason=UNGRANTED
+            )
+        log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint.endpoint_id})
+        return False
 
     async def _send_in_order(
         self, endpoint: WebhookEndpointRecord, events: Sequence[tuple[str, bytes]]
@@ -338,11 +440,23 @@ class WebhookDispatcher:
             "claim_expires_at": None,
         }
         if outcome.ok:
+            self._report(endpoint.endpoint_id, outcome, DELIVERED, _aware(change.changed_at))
             return {**row, "status": storage.DELIVERED, "delivered_at": outcome.at,
                     "next_attempt_at": None}  # fmt: skip
+        self._report(endpoint.endpoint_id, outcome, RETRY_SCHEDULED, None)
         delay = rules.retry_delay(1, self.retry_base_seconds)
         return {**row, "status": storage.PENDING, "delivered_at": None,
                 "next_attempt_at": outcome.at + timedelta(seconds=delay)}  # fmt: skip
+
+    def _report(
+        self, endpoint_id: str, outcome: Outcome, result: str, event_at: datetime | None
+    ) -> None:
+        """Tell the observer what became of an attempt; `event_at`: when its event happened
+        (delivered only: the latency runs from it to the end of the attempt)."""
+        latency = None
+        if event_at is not None:
+            latency = (outcome.at - event_at).total_seconds() + outcome.seconds
+        self.observer.attempted(endpoint_id, result, outcome.seconds, latency)
 
     # -- one attempt -------------------------------------------------------------------------
 
@@ -393,8 +507,7 @@ class WebhookDispatcher:
                     log.exception("webhooks: cannot run due retries")
                 failing = True
             if claimed < RETRY_BATCH:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._due_wake.wait(), self.retry_poll_seconds)
+                await wait_or_timeout(self._due_wake, self.retry_poll_seconds)
                 self._due_wake.clear()
 
     # -- the outbox: call.processed ---------------------------------------------------------
@@ -411,8 +524,10 @@ class WebhookDispatcher:
                     log.exception("webhooks: cannot fan out the outbox")
                 failing = True
             if taken < OUTBOX_BATCH:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._outbox_wake.wait(), self.retry_poll_seconds)
+                await wait_or_timeout(self._outbox_wake, self.retry_poll_seconds)
+                # Every commit wakes this loop: the commits of the next moment share one look
+                # at the outbox, instead of one read each on a busy server.
+                await asyncio.sleep(OUTBOX_LINGER_SECONDS)
                 self._outbox_wake.clear()
 
     async def fan_out(self) -> int:
@@ -432,6 +547,7 @@ class WebhookDispatcher:
                     sub_tenant_id=row.sub_tenant_id,
                     event_type=rules.CALL_PROCESSED,
                 )
+                endpoints = [e for e in endpoints if await _may_receive(conn, e)]
                 for call_id, customer_id, callback_url in json.loads(row.payload):
                     event_id, body = call_event(
                         call_id=call_id,
@@ -473,6 +589,7 @@ class WebhookDispatcher:
                     f"callback:{delivery.partner_pk}",
                     delivery.target_url,
                     secrets_by_partner[delivery.partner_pk],
+                    callback=True,
                 )
         return targets
 
@@ -501,6 +618,7 @@ class WebhookDispatcher:
                 target = targets.get(delivery.pk)
                 number = delivery.attempts + 1
                 if target is None:  # a callback whose partner has no secret any more
+                    self.observer.attempted(CALLBACK, FAILED, None, None)
                     async with self.db.write() as conn:
                         await storage.record_attempt(
                             conn,
@@ -526,11 +644,14 @@ class WebhookDispatcher:
                 if outcome.ok:
                     values |= {"status": storage.DELIVERED, "delivered_at": outcome.at,
                                "next_attempt_at": None}  # fmt: skip
+                    self._report(target.endpoint_id, outcome, DELIVERED, _event_time(delivery))
                 elif outcome.at - first >= self.retry_window:
                     values |= {"status": storage.FAILED, "next_attempt_at": None}
+                    self._report(target.endpoint_id, outcome, FAILED, None)
                 else:
                     delay = rules.retry_delay(number, self.retry_base_seconds)
                     values["next_attempt_at"] = outcome.at + timedelta(seconds=delay)
+                    self._report(target.endpoint_id, outcome, RETRY_SCHEDULED, None)
                 async with self.db.write() as conn:
                     await storage.record_attempt(conn, delivery_pk=delivery.pk, values=values)
                     if delivery.endpoint_pk is not None:
@@ -543,3 +664,59 @@ class WebhookDispatcher:
 
         await asyncio.gather(*(one(delivery) for delivery in due))
         return len(due)
+
+    # -- the backlog, for metrics --------------------------------------------------------------
+
+    async def _watch_backlog(self) -> None:
+        failing = False
+        while True:
+            try:
+                self.backlog = await self.read_backlog()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("webhooks: cannot read the backlog")
+                failing = True
+            await asyncio.sleep(BACKLOG_SECONDS)
+
+    async def read_backlog(self) -> WebhookBacklog:
+        """What waits for delivery now, in one read (a bounded cost: each count stops at
+        BACKLOG_CAP, and endpoints are few)."""
+        async with self.db.read() as conn:
+            endpoints = await storage.list_endpoints(conn)
+            enabled = [e for e in endpoints if e.enabled]
+            pending, oldest = await storage.pending_backlog(
+                conn, enabled_pks=[e.pk for e in enabled], cap=BACKLOG_CAP
+            )
+            outbox, oldest_row = await storage.outbox_backlog(conn, cap=BACKLOG_CAP)
+            changes, times = 0, [oldest, oldest_row]
+            for endpoint in enabled:
+                if rules.DISPOSITION_CHANGED not in endpoint.events:
+                    continue
+                sub_tenant_id = endpoint.sub_tenant_id
+                count, first = await storage.changes_backlog(
+                    conn,
+                    tenant_id=endpoint.tenant_id,
+                    sub_tenant_id=None if sub_tenant_id == ALL_SUB_TENANTS else sub_tenant_id,
+                    after=endpoint.cursor,
+                    cap=BACKLOG_CAP,
+                )
+                changes += count
+                times.append(first)
+        known = [when for when in times if when is not None]
+        failing = sum(1 for e in enabled if e.failing_since is not None)
+        return WebhookBacklog(
+            pending=pending,
+            outbox=outbox,
+            changes=min(changes, BACKLOG_CAP),
+            oldest=min(known, default=None),
+            healthy=len(enabled) - failing,
+            failing=failing,
+            disabled=len(endpoints) - len(enabled),
+            read_at=self.now(),
+        )
+
+
+def _event_time(delivery: WebhookDeliveryRecord) -> datetime:
+    """When a stored delivery's event happened: its body's `timestamp`."""
+    return _aware(datetime.fromisoformat(json.loads(delivery.body)["timestamp"]))

@@ -90,6 +90,17 @@ async def has_grant(
     return (await conn.execute(_HAS_GRANT, params)).first() is not None
 
 
+async def may_receive(
+    conn: AsyncConnection, *, partner_pk: int, tenant_id: str, sub_tenant_id: str
+) -> bool:
+    """Whether the partner is enabled and still granted this tenant and sub-tenant (`*`: a
+    grant for every sub-tenant): what a partner's webhook endpoint needs to receive events."""
+    enabled = await conn.scalar(select(Partner.enabled).where(Partner.id == partner_pk))
+    return bool(enabled) and await has_grant(
+        conn, partner_pk=partner_pk, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id
+    )
+
+
 def _select_partners() -> Select[int, str, str, bool, int | None, datetime]:
     """The columns of a PartnerRecord, in its field order."""
     return select(

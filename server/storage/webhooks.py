@@ -6,10 +6,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Row, Select, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.models import FeedSequence, WebhookDelivery, WebhookEndpoint, WebhookOutbox
+from server.models import (
+    DispositionHistory,
+    FeedSequence,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookOutbox,
+)
 from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
@@ -142,14 +148,36 @@ async def insert_endpoint(
     return found
 
 
+def _owned(
+    stmt: Select[*tuple[Any, ...]],
+    partner_pk: int | None,
+    tenant_id: str | None,
+    sub_tenant_id: str | None,
+) -> Select[*tuple[Any, ...]]:
+    """`stmt` kept to the endpoints of `partner_pk`, `tenant_id` and `sub_tenant_id` (each one
+    when given)."""
+    for column, value in (
+        (WebhookEndpoint.partner_pk, partner_pk),
+        (WebhookEndpoint.tenant_id, tenant_id),
+        (WebhookEndpoint.sub_tenant_id, sub_tenant_id),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt
+
+
 async def get_endpoint(
-    conn: AsyncConnection, *, endpoint_id: str, partner_pk: int | None = None
+    conn: AsyncConnection,
+    *,
+    endpoint_id: str,
+    partner_pk: int | None = None,
+    tenant_id: str | None = None,
+    sub_tenant_id: str | None = None,
 ) -> WebhookEndpointRecord | None:
-    """The endpoint `endpoint_id` (only if `partner_pk` owns it, when given)."""
+    """The endpoint `endpoint_id`, only if it is of `partner_pk`, `tenant_id` and
+    `sub_tenant_id` (each one when given)."""
     stmt = select(*_ENDPOINT_COLUMNS).where(WebhookEndpoint.endpoint_id == endpoint_id)
-    if partner_pk is not None:
-        stmt = stmt.where(WebhookEndpoint.partner_pk == partner_pk)
-    row = (await conn.execute(stmt)).first()
+    row = (await conn.execute(_owned(stmt, partner_pk, tenant_id, sub_tenant_id))).first()
     return None if row is None else _endpoint(row)
 
 
@@ -159,14 +187,17 @@ async def endpoint_by_pk(conn: AsyncConnection, *, pk: int) -> WebhookEndpointRe
 
 
 async def list_endpoints(
-    conn: AsyncConnection, *, tenant_id: str | None = None, partner_pk: int | None = None
+    conn: AsyncConnection,
+    *,
+    partner_pk: int | None = None,
+    tenant_id: str | None = None,
+    sub_tenant_id: str | None = None,
 ) -> list[WebhookEndpointRecord]:
+    """The endpoints, oldest first (those of `partner_pk`, `tenant_id` and `sub_tenant_id`,
+    each one when given)."""
     stmt = select(*_ENDPOINT_COLUMNS).order_by(WebhookEndpoint.id)
-    if tenant_id is not None:
-        stmt = stmt.where(WebhookEndpoint.tenant_id == tenant_id)
-    if partner_pk is not None:
-        stmt = stmt.where(WebhookEndpoint.partner_pk == partner_pk)
-    return [_endpoint(row) for row in await conn.execute(stmt)]
+    rows = await conn.execute(_owned(stmt, partner_pk, tenant_id, sub_tenant_id))
+    return [_endpoint(row) for row in rows]
 
 
 async def set_enabled(
@@ -188,7 +219,12 @@ async def set_secret(conn: AsyncConnection, *, endpoint_pk: int, secret: str) ->
 
 
 async def delete_endpoint(conn: AsyncConnection, *, endpoint_pk: int) -> None:
-    """The endpoint and its deliveries."""
+    """The endpoint and its deliveries. Its row is locked first (PostgreSQL): a batch being
+    stored for it (record_batch updates that row before it inserts) or a fan-out inserting
+    deliveries for it commits before, and its deliveries go too, or waits and finds it gone."""
+    await conn.execute(
+        select(WebhookEndpoint.id).where(WebhookEndpoint.id == endpoint_pk).with_for_update()
+    )
     await conn.execute(delete(WebhookDelivery).where(WebhookDelivery.endpoint_pk == endpoint_pk))
     await conn.execute(delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_pk))
 
@@ -261,6 +297,15 @@ async def take_leases(
     return [_endpoint(row) for row in rows]
 
 
+async def release_claims(conn: AsyncConnection, *, owner: str) -> None:
+    """Hand `owner`'s claimed retries back (due again at once, for any process)."""
+    await conn.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.claim_owner == owner)
+        .values(claim_owner=None, claim_expires_at=None)
+    )
+
+
 async def release_leases(conn: AsyncConnection, *, owner: str) -> None:
     await conn.execute(
         update(WebhookEndpoint)
@@ -277,16 +322,22 @@ async def record_batch(
     *,
     owner: str,
     endpoint_pk: int,
+    endpoint_id: str,
     cursor: int,
     deliveries: Sequence[dict[str, Any]],
     failing_since: datetime | None,
     healthy: bool,
 ) -> bool:
     """Store a batch's deliveries and move the endpoint's cursor past it, while `owner` still
-    holds the endpoint's lease; False (nothing stored) when it does not."""
+    holds the endpoint's lease (and it is still that endpoint: SQLite may give a deleted
+    endpoint's row id to a new one); False (nothing stored) when it does not."""
     moved = await conn.execute(
         update(WebhookEndpoint)
-        .where(WebhookEndpoint.id == endpoint_pk, WebhookEndpoint.lease_owner == owner)
+        .where(
+            WebhookEndpoint.id == endpoint_pk,
+            WebhookEndpoint.endpoint_id == endpoint_id,
+            WebhookEndpoint.lease_owner == owner,
+        )
         .values(
             cursor=cursor,
             failing_since=None
@@ -407,6 +458,20 @@ async def list_deliveries(
     return [_delivery(row) for row in await conn.execute(stmt)]
 
 
+async def get_delivery(
+    conn: AsyncConnection, *, endpoint_pk: int, delivery_pk: int
+) -> WebhookDeliveryRecord | None:
+    """The delivery `delivery_pk`, if it is one of the endpoint's."""
+    row = (
+        await conn.execute(
+            select(*_DELIVERY_COLUMNS).where(
+                WebhookDelivery.id == delivery_pk, WebhookDelivery.endpoint_pk == endpoint_pk
+            )
+        )
+    ).first()
+    return None if row is None else _delivery(row)
+
+
 async def replay(
     conn: AsyncConnection, *, endpoint_pk: int, delivery_pks: Sequence[int] | None, now: datetime
 ) -> int:
@@ -429,16 +494,57 @@ async def replay(
     return int(result.rowcount)
 
 
-async def backlog(conn: AsyncConnection) -> tuple[int, datetime | None]:
-    """Pending deliveries, and the creation time of the oldest (None: none)."""
-    row = (
-        await conn.execute(
-            select(func.count(), func.min(WebhookDelivery.created_at)).where(
-                WebhookDelivery.status == PENDING
-            )
+# -- the backlog, for metrics: each count stops at `cap`, so that a reading costs a bounded time ---
+
+
+async def pending_backlog(
+    conn: AsyncConnection, *, enabled_pks: Sequence[int], cap: int
+) -> tuple[int, datetime | None]:
+    """Pending deliveries (callbacks', and enabled endpoints'), counted up to `cap`, and the
+    creation time of the oldest of those counted (None: none)."""
+    counted = (
+        select(WebhookDelivery.created_at)
+        .where(
+            WebhookDelivery.status == PENDING,
+            or_(
+                WebhookDelivery.endpoint_pk.is_(None),
+                WebhookDelivery.endpoint_pk.in_(list(enabled_pks)),
+            ),
         )
-    ).one()
+        .limit(cap)
+        .subquery()
+    )
+    row = (await conn.execute(select(func.count(), func.min(counted.c.created_at)))).one()
     return int(row[0]), _utc(row[1])
+
+
+async def outbox_backlog(conn: AsyncConnection, *, cap: int) -> tuple[int, datetime | None]:
+    """Outbox rows not fanned out yet, counted up to `cap`, and the oldest's creation time."""
+    counted = select(WebhookOutbox.id).limit(cap).subquery()
+    count = await conn.scalar(select(func.count()).select_from(counted))
+    oldest = await conn.scalar(select(WebhookOutbox.created_at).order_by(WebhookOutbox.id).limit(1))
+    return int(count or 0), _utc(oldest)
+
+
+async def changes_backlog(
+    conn: AsyncConnection, *, tenant_id: str, sub_tenant_id: str | None, after: int, cap: int
+) -> tuple[int, datetime | None]:
+    """Changes of the tenant (of one sub-tenant, unless None) after cursor `after`, counted up
+    to `cap`, and when the first of them was made (both from the history's cursor indexes)."""
+    scope = [DispositionHistory.tenant_id == tenant_id, DispositionHistory.seq > after]
+    if sub_tenant_id is not None:
+        scope.append(DispositionHistory.sub_tenant_id == sub_tenant_id)
+    counted = select(DispositionHistory.id).where(*scope).limit(cap).subquery()
+    count = await conn.scalar(select(func.count()).select_from(counted))
+    if not count:
+        return 0, None
+    first = await conn.scalar(
+        select(DispositionHistory.changed_at)
+        .where(*scope)
+        .order_by(DispositionHistory.seq)
+        .limit(1)
+    )
+    return int(count), _utc(first)
 
 
 # -- the outbox: events written with the change, fanned out into deliveries -------------------

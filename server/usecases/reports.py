@@ -87,10 +87,9 @@ async def list_history(
     listing = _listing_digest(tenant_id, sub_tenant_id, customer_id)
     violations: validation.Violations = []
     validation.required_text(violations, "customer_id", customer_id)
-    if page_size < 0:
-        violations.append(("page_size", "page_size must not be less than 0"))
-    elif page_size > MAX_PAGE_SIZE:
-        violations.append(("page_size", f"page_size must not be greater than {MAX_PAGE_SIZE}"))
+    limit = validation.page_size(
+        violations, "page_size", page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+    )
     before_id = None
     if page_token:
         before_id = _decode_token(page_token, listing)
@@ -98,7 +97,6 @@ async def list_history(
             violations.append(("page_token", "page_token is invalid"))
     if violations:
         raise ValidationFailed(violations)
-    limit = page_size or DEFAULT_PAGE_SIZE
     async with db.read() as conn:
         found = await customers.find_customer(
             conn, tenant_id=tenant_id, sub_tenant_id=sub_tenant_id, customer_id=customer_id

@@ -1,5 +1,10 @@
 """Webhook endpoints: an operator (the admin CLI) creates, lists, disables, enables, deletes them,
-rotates their secrets, reads their deliveries and replays failed ones.
+rotates their secrets, reads their deliveries and replays failed ones; a partner (the
+WebhookService API) does the same with its own endpoints, but for disabling and enabling them.
+
+An operator sees every endpoint. A partner (`caller`) sees only the endpoints it created in
+the tenant of its request, and in its sub-tenant unless it acts for all of them (`*`): any
+other endpoint is unknown to it (UnknownEndpoint).
 
 A new endpoint starts at its tenant's current change-feed cursor: it receives the changes made
 after it was created (as Stripe's do), never the tenant's past. Its secret (`whsec_…`) is shown
@@ -9,6 +14,7 @@ endpoint is created and again before each delivery (runtime/webhook_http.py).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,24 +23,43 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from server.db import Database
-from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
+from server.errors import ValidationFailed
+from server.records import Caller, WebhookDeliveryRecord, WebhookEndpointRecord
+from server.rules import validation
 from server.rules import webhooks as rules
 from server.runtime.webhook_http import DeliveryError, resolve
 from server.storage import webhooks as storage
 
 ALL_SUB_TENANTS = "*"
-DELIVERIES_LIMIT = 100
+DELIVERIES_LIMIT = 100  # the operator's listing by default
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # a partner's listing
+DELIVERY_STATUSES = (storage.PENDING, storage.DELIVERED, storage.FAILED)
+RESOLVE_SECONDS = 5.0  # a URL's host must resolve this fast at creation
 
 
 class InvalidWebhook(ValueError):
-    """The endpoint cannot be created as asked; the message says why."""
+    """The endpoint cannot be created as asked: `problems` holds (field, message) pairs, each
+    message naming its field (`url`, `events[1]`); the exception's text joins the messages."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(message for _, message in self.problems))
 
 
 class UnknownEndpoint(LookupError):
-    """No such webhook endpoint (or not one of the caller's)."""
+    """No such webhook endpoint (or not one the caller may see)."""
 
     def __init__(self, endpoint_id: str) -> None:
         super().__init__(f"no webhook endpoint {endpoint_id!r}")
+        self.endpoint_id = endpoint_id
+
+
+class UnknownDelivery(LookupError):
+    """No such delivery of the webhook endpoint."""
+
+    def __init__(self, endpoint_id: str, delivery_id: int) -> None:
+        super().__init__(f"webhook endpoint {endpoint_id!r} has no delivery {delivery_id}")
+        self.delivery_id = delivery_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,27 +68,31 @@ class CreatedEndpoint:
     secret: str
 
 
-async def check_url(url: str, *, allow_private: bool) -> None:
-    """InvalidWebhook unless `url` may receive deliveries (its host resolved and checked)."""
-    problem = rules.url_problem(url, allow_private=allow_private)
-    if problem is not None:
-        raise InvalidWebhook(f"url {problem}")
-    if allow_private:
-        return
-    parts = urlsplit(url)
-    assert parts.hostname is not None
-    try:
-        await resolve(parts.hostname, parts.port or 443, allow_private=False)
-    except DeliveryError as exc:
-        raise InvalidWebhook(f"url {exc}") from None
-
-
-def check_events(events: Sequence[str]) -> tuple[str, ...]:
-    unknown = [event for event in events if event not in rules.EVENT_TYPES]
-    if unknown:
-        raise InvalidWebhook(
-            f"unknown event type {unknown[0]!r} (known: {', '.join(rules.EVENT_TYPES)})"
-        )
+async def check_endpoint(
+    url: str, events: Sequence[str], *, allow_private: bool
+) -> tuple[str, ...]:
+    """The event types an endpoint with this URL takes (every type when `events` is empty);
+    InvalidWebhook with every problem of the URL (its host resolved and checked) and events."""
+    out: validation.Violations = []
+    if validation.required_text(out, "url", url, max_length=rules.MAX_URL):
+        problem = rules.url_problem(url, allow_private=allow_private)
+        if problem is not None:
+            out.append(("url", f"url {problem}"))
+        elif not allow_private:
+            parts = urlsplit(url)
+            assert parts.hostname is not None
+            try:
+                async with asyncio.timeout(RESOLVE_SECONDS):
+                    await resolve(parts.hostname, parts.port or 443, allow_private=False)
+            except DeliveryError as exc:
+                out.append(("url", f"url {exc}"))
+            except TimeoutError:
+                problem = f"no answer within {RESOLVE_SECONDS:g} s"
+                out.append(("url", f"url cannot resolve {parts.hostname}: {problem}"))
+    for index, event in enumerate(events):
+        validation.one_of(out, f"events[{index}]", event, rules.EVENT_TYPES)
+    if out:
+        raise InvalidWebhook(out)
     return tuple(dict.fromkeys(events)) or rules.EVENT_TYPES
 
 
@@ -77,8 +106,7 @@ async def create_endpoint(
     allow_private: bool,
     partner_pk: int | None = None,
 ) -> CreatedEndpoint:
-    chosen = check_events(events)
-    await check_url(url, allow_private=allow_private)
+    chosen = await check_endpoint(url, events, allow_private=allow_private)
     secret = rules.new_secret()
     async with db.write() as conn:
         cursor = await storage.tenant_cursor(conn, tenant_id=tenant_id)
@@ -97,58 +125,86 @@ async def create_endpoint(
     return CreatedEndpoint(endpoint, secret)
 
 
+def _visible_to(caller: Caller | None) -> dict[str, Any]:
+    """The storage filters of the endpoints `caller` may see (None, an operator: all)."""
+    if caller is None:
+        return {}
+    sub_tenant_id = None if caller.sub_tenant_id == ALL_SUB_TENANTS else caller.sub_tenant_id
+    return {
+        "partner_pk": caller.partner_pk,
+        "tenant_id": caller.tenant_id,
+        "sub_tenant_id": sub_tenant_id,
+    }
+
+
 async def list_endpoints(
-    db: Database, *, tenant_id: str | None = None, partner_pk: int | None = None
+    db: Database, *, tenant_id: str | None = None, caller: Caller | None = None
 ) -> list[WebhookEndpointRecord]:
+    """The endpoints, oldest first: an operator's (of `tenant_id` when given) or a caller's."""
+    scope = _visible_to(caller) if caller is not None else {"tenant_id": tenant_id}
     async with db.read() as conn:
-        return await storage.list_endpoints(conn, tenant_id=tenant_id, partner_pk=partner_pk)
+        return await storage.list_endpoints(conn, **scope)
 
 
-async def _find(conn: Any, endpoint_id: str, partner_pk: int | None) -> WebhookEndpointRecord:
-    found = await storage.get_endpoint(conn, endpoint_id=endpoint_id, partner_pk=partner_pk)
+async def _find(conn: Any, endpoint_id: str, caller: Caller | None) -> WebhookEndpointRecord:
+    found = await storage.get_endpoint(conn, endpoint_id=endpoint_id, **_visible_to(caller))
     if found is None:
         raise UnknownEndpoint(endpoint_id)
     return found
 
 
 async def set_enabled(
-    db: Database, *, endpoint_id: str, enabled: bool, partner_pk: int | None = None
+    db: Database, *, endpoint_id: str, enabled: bool, caller: Caller | None = None
 ) -> WebhookEndpointRecord:
     async with db.write() as conn:
-        endpoint = await _find(conn, endpoint_id, partner_pk)
+        endpoint = await _find(conn, endpoint_id, caller)
         reason = None if enabled else "disabled by an operator"
         await storage.set_enabled(conn, endpoint_pk=endpoint.pk, enabled=enabled, reason=reason)
-        return await _find(conn, endpoint_id, partner_pk)
+        return await _find(conn, endpoint_id, caller)
 
 
-async def delete_endpoint(db: Database, *, endpoint_id: str, partner_pk: int | None = None) -> None:
+async def delete_endpoint(db: Database, *, endpoint_id: str, caller: Caller | None = None) -> None:
     async with db.write() as conn:
-        endpoint = await _find(conn, endpoint_id, partner_pk)
+        endpoint = await _find(conn, endpoint_id, caller)
         await storage.delete_endpoint(conn, endpoint_pk=endpoint.pk)
 
 
 async def rotate_secret(
-    db: Database, *, endpoint_id: str, partner_pk: int | None = None
+    db: Database, *, endpoint_id: str, caller: Caller | None = None
 ) -> CreatedEndpoint:
     """A new secret; deliveries are signed with it from the next attempt on."""
     secret = rules.new_secret()
     async with db.write() as conn:
-        endpoint = await _find(conn, endpoint_id, partner_pk)
+        endpoint = await _find(conn, endpoint_id, caller)
         await storage.set_secret(conn, endpoint_pk=endpoint.pk, secret=secret)
-        return CreatedEndpoint(await _find(conn, endpoint_id, partner_pk), secret)
+        return CreatedEndpoint(await _find(conn, endpoint_id, caller), secret)
+
+
+def check_listing(*, status: str, page_size: int) -> tuple[str | None, int]:
+    """A partner's deliveries listing: the status to keep (None: all) and how many, from the
+    request's `status` ("" for all) and `page_size` (0 for the default); ValidationFailed."""
+    out: validation.Violations = []
+    if status:
+        validation.one_of(out, "status", status, DELIVERY_STATUSES)
+    limit = validation.page_size(
+        out, "page_size", page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+    )
+    if out:
+        raise ValidationFailed(out)
+    return status or None, limit
 
 
 async def deliveries(
     db: Database,
     *,
     endpoint_id: str,
-    partner_pk: int | None = None,
+    caller: Caller | None = None,
     status: str | None = None,
     limit: int = DELIVERIES_LIMIT,
 ) -> list[WebhookDeliveryRecord]:
     """The endpoint's deliveries, newest first."""
     async with db.read() as conn:
-        endpoint = await _find(conn, endpoint_id, partner_pk)
+        endpoint = await _find(conn, endpoint_id, caller)
         return await storage.list_deliveries(
             conn, endpoint_pk=endpoint.pk, limit=limit, status=status
         )
@@ -159,11 +215,29 @@ async def replay(
     *,
     endpoint_id: str,
     delivery_ids: Sequence[int] | None,
-    partner_pk: int | None = None,
+    caller: Caller | None = None,
 ) -> int:
     """Send deliveries again, now (None: every failed one of the endpoint); how many."""
     async with db.write() as conn:
-        endpoint = await _find(conn, endpoint_id, partner_pk)
+        endpoint = await _find(conn, endpoint_id, caller)
         return await storage.replay(
             conn, endpoint_pk=endpoint.pk, delivery_pks=delivery_ids, now=datetime.now(UTC)
         )
+
+
+async def retry_delivery(
+    db: Database, *, endpoint_id: str, delivery_id: int, caller: Caller | None = None
+) -> WebhookDeliveryRecord:
+    """Send one of the endpoint's deliveries again, now, whatever its status (its retries start
+    over); the delivery as it is then."""
+    async with db.write() as conn:
+        endpoint = await _find(conn, endpoint_id, caller)
+        found = await storage.get_delivery(conn, endpoint_pk=endpoint.pk, delivery_pk=delivery_id)
+        if found is None:
+            raise UnknownDelivery(endpoint_id, delivery_id)
+        await storage.replay(
+            conn, endpoint_pk=endpoint.pk, delivery_pks=[found.pk], now=datetime.now(UTC)
+        )
+        retried = await storage.get_delivery(conn, endpoint_pk=endpoint.pk, delivery_pk=found.pk)
+    assert retried is not None
+    return retried

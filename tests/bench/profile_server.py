@@ -1,13 +1,14 @@
 """Where a server's time goes under update load: py-spy against the running process.
 
     .venv/bin/python -m tests.bench.profile_server [--seconds 15] [--connections 64] [--rest]
-        [--gil] [--native] [--postgres] [--noop] [--ingest N]
+        [--gil] [--native] [--postgres] [--noop] [--ingest N] [--webhooks N]
 
 Starts the single topology (fresh SQLite, one disposition-server, Envoy; `--postgres`: one
 server on PostgreSQL + Redis), ingests the bench customers, then samples the server with
 `py-spy record --format raw` (installed into the venv on first use) while h2load (gRPC direct)
 or wrk (`--rest`, through Envoy) drives updates (`--noop`: the ceiling's no-op server instead,
-for comparison). Prints the samples by stage (each stack counted once, in the innermost stage
+for comparison; `--webhooks N`: with N webhook endpoints receiving every change, on
+webhook_receiver.py). Prints the samples by stage (each stack counted once, in the innermost stage
 it reaches; with `--gil`, as µs of the GIL per request), the busiest functions by own and by
 inclusive samples, and where the raw folded stacks are (feed them to any flame graph renderer).
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from tests.bench import grpc_load, rest_load
 from tests.bench.stack import BIN, ceiling_for, cluster_topology, single_topology
+from tests.bench.webhook_receiver import receiver_process
+from tests.bench.webhooks import SERVER_ENV, Endpoints, probe
 
 
 def _py_spy() -> str:
@@ -41,6 +44,8 @@ def _py_spy() -> str:
 STAGES = (
     ("write: unit of work (engine, SQL, decide)", ("storage/", "_decide", "asyncpg", "sqlalchemy",
                                                    "aiosqlite", "sqlite3")),
+    ("webhooks: HTTP client", ("webhook_http.py",)),
+    ("webhooks: dispatcher (reads, signing, records)", ("webhooks.py",)),
     ("write: group commit queue", ("update_groups.py",)),
     ("log + metrics", ("metrics.py", "prometheus_client", "_log_rpc", "logging/")),
     ("gates: authentication, tenant, rate limit", ("access.py", "access_cache.py",
@@ -127,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         help="profile IngestBatchCalls of N more customers instead of update load",
     )  # fmt: skip
     parser.add_argument(
+        "--webhooks", type=int, default=0, metavar="N",
+        help="N webhook endpoints receive every change (a local receiver; SQLite only)",
+    )  # fmt: skip
+    parser.add_argument(
         "--postgres", action="store_true",
         help="one server on PostgreSQL + Redis (TEST_POSTGRES_URL, TEST_REDIS_URL), not SQLite",
     )  # fmt: skip
@@ -142,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                 redis_url=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
             )  # fmt: skip
         else:
-            topology = single_topology(workdir, stack)
+            topology = single_topology(workdir, stack, server_env=SERVER_ENV)
         grpc_load.ingest(topology.grpc_port, topology.partner, args.customers)
+        if args.webhooks:
+            receiver = stack.enter_context(receiver_process(workdir / "receiver.log"))
+            paths = [f"/profile/{k}" for k in range(args.webhooks)]
+            for path in paths:
+                Endpoints(topology).create(receiver.url(path))
+            probe(topology, receiver, paths, "prof")
         pid, grpc_port, http_port = topology.pids[0], topology.grpc_port, topology.envoy.http_port
         if args.noop:
             ceiling = ceiling_for(topology, workdir, stack)

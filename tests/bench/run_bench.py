@@ -14,10 +14,13 @@ that alternate between the sides they compare, so that both see the same machine
   counters  the REST load with and without the summary's counters, per engine (counters.py);
   reports   the summary of a tenant with --report-customers customers and history rows,
             through Envoy, per engine (reports.py);
-  scale     the update load at --customers and at --scale-customers customers (scale.py).
+  scale     the update load at --customers and at --scale-customers customers (scale.py);
+  webhooks  commit -> receiver latency, delivery throughput, and the update load with 3
+            endpoints and with a hanging receiver against none, on SQLite (webhooks.py).
 PostgreSQL and Redis are those of --database-url (a schema per stack, dropped afterwards) and
---redis-url (a key prefix per stack). Each suite checks its figures against issue 13's targets;
-the lines are printed at the end, and the exit status is 3 when any is below its target.
+--redis-url (a key prefix per stack). Each suite checks its figures against issue 13's targets
+(webhooks: issue 15's); the lines are printed at the end, and the exit status is 3 when any is
+below its target.
 Progress goes to stderr.
 """
 
@@ -38,11 +41,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import counters, engines, feed_batch, load, reports, scale
+from tests.bench import counters, engines, feed_batch, load, reports, scale, webhooks
 from tests.bench.stack import grpc_server
 
 INSTALL_HINT = "apt-get install -y wrk nghttp2-client"
-SUITES = ("load", "engines", "feed", "counters", "reports", "scale")
+SUITES = ("load", "engines", "feed", "counters", "reports", "scale", "webhooks")
 EXIT_BELOW_TARGET = 3
 
 
@@ -130,6 +133,7 @@ def bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> dict[str
         "counters": lambda: counters.counters_suite(args, workdir, stack),
         "reports": lambda: reports.reports_suite(args, workdir, stack),
         "scale": lambda: scale.scale_suite(args, workdir, stack),
+        "webhooks": lambda: webhooks.webhooks_suite(args, workdir, stack),
     }
     sides: dict[str, engines.Side] | None = None
     if {"engines", "feed"} & set(args.suites):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,16 +207,19 @@ def single_topology(
     stack: ExitStack,
     seed: Callable[[Path], None] | None = None,
     argv: Sequence[str] = SERVER,
+    server_env: Mapping[str, str] | None = None,
 ) -> Topology:
     """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server.
-    `seed` gets the database file after the bench partner is made, before the server starts."""
+    `seed` gets the database file after the bench partner is made, before the server starts;
+    `server_env` is the server's environment beyond the bench's."""
     db = workdir / "bench.db"
     env = database_env(db)
     partner = create_partner(env["DATABASE_URL"])
     if seed is not None:
         seed(db)
     running = stack.enter_context(start_stack(
-        env["DATABASE_URL"], workdir=workdir, argv=argv, server_env={"LOG_LEVEL": "WARNING"}
+        env["DATABASE_URL"], workdir=workdir, argv=argv,
+        server_env={**(server_env or {}), "LOG_LEVEL": "WARNING"},
     ))  # fmt: skip
     return Topology(
         "single",

@@ -5,23 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack import ServerProcess, onboard
+from devstack import Credentials, ServerProcess, onboard
 from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2 as pb
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
 from server.main import JsonFormatter
+from server.usecases import webhooks
 from tests.support.databases import settings_for
-from tests.support.grpc_calls import ingest, update_request
+from tests.support.grpc_calls import history, ingest, update_request
+from tests.support.webhooks import Received, Receiver
 
 UPDATE = "/disposition.v1.DispositionService/UpdateDispositionStatus"
 INGEST = "/disposition.v1.CallIngestionService/IngestBatchCalls"
@@ -50,6 +55,17 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+async def two_changes(channel: grpc.aio.Channel, partner: Credentials) -> Any:
+    """Customer c1 ingested, then moved to "a" and to "b"; the disposition service's stub."""
+    dispositions = disposition_grpc.DispositionServiceStub(channel)
+    await ingest(ingestion_grpc.CallIngestionServiceStub(channel), partner, "c1")
+    for status in ("a", "b"):
+        await dispositions.UpdateDispositionStatus(
+            update_request("c1", status), metadata=partner.metadata()
+        )
+    return dispositions
+
+
 @pytest.fixture
 async def metered(database_url: str, db: Database) -> AsyncIterator[App]:
     """A real server with its metrics endpoint on an ephemeral loopback port."""
@@ -65,12 +81,7 @@ async def test_rpc_counts_latency_rejections_pools_and_watchers(metered: App, db
     partner = await onboard(db, "123")
     limited = await onboard(db, "limited", rate_limit_per_minute=1)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{metered.port}") as channel:
-        dispositions = disposition_grpc.DispositionServiceStub(channel)
-        await ingest(ingestion_grpc.CallIngestionServiceStub(channel), partner, "c1")
-        for status in ("a", "b"):
-            await dispositions.UpdateDispositionStatus(
-                update_request("c1", status), metadata=partner.metadata()
-            )
+        dispositions = await two_changes(channel, partner)
         failures = [
             (update_request("nobody", "x"), partner.metadata()),  # NOT_FOUND
             (update_request("c1", "x"), partner.metadata(x_api_secret="wrong")),  # refused
@@ -216,3 +227,120 @@ def test_serving_line_reports_the_metrics_port_and_stops_cleanly(
         assert server.stop() == 0
     with pytest.raises(OSError):
         scrape_text(port)
+
+
+def at(received: list[Received], path: str) -> list[Received]:
+    """The requests that arrived on `path`."""
+    return [request for request in received if request.headers["x-target"] == path]
+
+
+async def scraped_until(port: int, done: Callable[[Samples], bool], timeout: float = 20) -> Samples:
+    """Scrape until `done` holds (the backlog is read every 2 s); the last samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, samples = await scrape(port)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.1)
+
+
+async def test_webhook_deliveries_latency_backlog_and_oldest_age(
+    database_url: str, db: Database
+) -> None:
+    """Three endpoints of one tenant: a healthy receiver, one that answers 503 (retried in a
+    minute) and one that holds its first request until released."""
+    partner = await onboard(db, "123")
+    tenant, sub_tenant = partner.tenant_id, partner.sub_tenant_id
+    release = threading.Event()
+
+    def answer(request: Received) -> int:
+        if request.headers["x-target"] == "/held":
+            release.wait(60)
+        return 503 if request.headers["x-target"] == "/fail" else 200
+
+    receiver = Receiver(answer).start()
+
+    def arrived(*paths: str) -> Callable[[list[Received]], bool]:
+        return lambda got: all(len(at(got, path)) == changes for path in paths)
+
+    try:
+        ids = {}
+        for path in ("/ok", "/fail", "/held"):
+            created = await webhooks.create_endpoint(
+                db, tenant_id=tenant, sub_tenant_id=sub_tenant,
+                url=f"http://127.0.0.1:{receiver.port}{path}", events=["disposition.changed"],
+                allow_private=True,
+            )  # fmt: skip
+            ids[path] = created.endpoint.endpoint_id
+        settings = settings_for(
+            database_url, metrics_port=0, webhook_allow_private_urls=True,
+            webhook_retry_base_seconds=60, webhook_timeout_seconds=60,
+        )  # fmt: skip
+        server = App(settings, Database(settings))
+        await server.start()
+        try:
+            assert server.metrics_port is not None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                await two_changes(channel, partner)
+            changes = len(await history(db, "c1"))
+            assert changes >= 2
+            await asyncio.to_thread(receiver.wait, arrived("/ok", "/fail"))
+
+            def held(samples: Samples) -> bool:
+                return value(samples, BACKLOG, kind="changes") == changes and (
+                    value(samples, BACKLOG, kind="deliveries") == changes
+                )
+
+            waiting = await scraped_until(server.metrics_port, held)
+            release.set()
+            await asyncio.to_thread(receiver.wait, arrived("/held"))
+            done = await scraped_until(
+                server.metrics_port,
+                lambda s: (
+                    value(s, BACKLOG, kind="changes") == 0
+                    and value(s, DELIVERIES, endpoint_id=ids["/held"], outcome="delivered")
+                    == changes
+                ),
+            )
+        finally:
+            await server.stop(grace=1)
+    finally:
+        release.set()
+        receiver.stop()
+
+    ok, fail, slow = ids["/ok"], ids["/fail"], ids["/held"]
+    # While one endpoint held its first event: every change waits for it (its cursor has not
+    # moved), and each change's delivery to the failing endpoint waits for its retry.
+    assert value(waiting, BACKLOG, kind="changes") == changes
+    assert value(waiting, BACKLOG, kind="deliveries") == changes
+    assert value(waiting, BACKLOG, kind="outbox") == 0
+    assert 0 < (value(waiting, OLDEST) or 0) < 60
+    assert value(waiting, ENDPOINTS, state="healthy") == 2
+    assert value(waiting, ENDPOINTS, state="failing") == 1
+    assert value(waiting, ENDPOINTS, state="disabled") == 0
+    assert value(waiting, DELIVERIES, endpoint_id=ok, outcome="delivered") == changes
+    assert value(waiting, DELIVERIES, endpoint_id=fail, outcome="retry_scheduled") == changes
+    assert value(waiting, DELIVERIES, endpoint_id=slow, outcome="delivered") is None
+    # Released: delivered, late; the failing endpoint's deliveries still wait for their retry.
+    assert value(done, DELIVERIES, endpoint_id=slow, outcome="delivered") == changes
+    assert value(done, BACKLOG, kind="deliveries") == changes
+    assert (value(done, OLDEST) or 0) > 0
+    for endpoint_id in (ok, slow):
+        assert value(done, f"{LATENCY}_count", endpoint_id=endpoint_id) == changes
+        assert value(done, f"{ATTEMPT}_count", endpoint_id=endpoint_id) == changes
+    assert value(done, f"{ATTEMPT}_count", endpoint_id=fail) == changes
+    assert value(done, f"{LATENCY}_count", endpoint_id=fail) is None
+    # The held events waited at least for the two backlog readings above; the healthy
+    # receiver's arrived within a second.
+    slow_sum = value(done, f"{LATENCY}_sum", endpoint_id=slow) or 0
+    assert slow_sum / changes > 1.0
+    assert value(done, f"{LATENCY}_bucket", endpoint_id=ok, le="1.0") == changes
+    assert value(done, f"{LATENCY}_bucket", endpoint_id=slow, le="1.0") == 0
+
+
+BACKLOG = "disposition_webhook_backlog"
+OLDEST = "disposition_webhook_oldest_undelivered_age_seconds"
+ENDPOINTS = "disposition_webhook_endpoints"
+DELIVERIES = "disposition_webhook_deliveries_total"
+LATENCY = "disposition_webhook_delivery_latency_seconds"
+ATTEMPT = "disposition_webhook_attempt_duration_seconds"

@@ -27,6 +27,12 @@ UNARY = [
     "/disposition.v1.DispositionService/GetDispositionSummary",
     "/disposition.v1.DispositionService/ListDispositions",
     "/disposition.v1.CallIngestionService/IngestBatchCalls",
+    "/disposition.v1.WebhookService/CreateWebhookEndpoint",
+    "/disposition.v1.WebhookService/ListWebhookEndpoints",
+    "/disposition.v1.WebhookService/DeleteWebhookEndpoint",
+    "/disposition.v1.WebhookService/RotateWebhookEndpointSecret",
+    "/disposition.v1.WebhookService/ListWebhookDeliveries",
+    "/disposition.v1.WebhookService/RetryWebhookDelivery",
 ]
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 

@@ -151,6 +151,8 @@ VOCABULARY_EXAMPLES: dict[str, errors.ServiceError] = {
     "ValidationFailed": errors.ValidationFailed([("customer_id", "customer_id is wrong")]),
     "IdempotencyKeyReused": errors.IdempotencyKeyReused(),
     "CustomerNotFound": errors.CustomerNotFound("c-1"),
+    "WebhookEndpointNotFound": errors.WebhookEndpointNotFound("we_1"),
+    "WebhookDeliveryNotFound": errors.WebhookDeliveryNotFound("1"),
     "RateLimited": errors.RateLimited(12),
     "ServiceUnavailable": errors.ServiceUnavailable(),
 }

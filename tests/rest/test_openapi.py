@@ -28,7 +28,10 @@ pytestmark = pytest.mark.envoy
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from start_stack(tmp_path_factory.mktemp("openapi"))
+    # Private URLs allowed, as `make run` does: a webhook endpoint on the loopback is created.
+    yield from start_stack(
+        tmp_path_factory.mktemp("openapi"), server_env={"WEBHOOK_ALLOW_PRIVATE_URLS": "true"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_it_is_a_valid_openapi_3_1_document(served: dict[str, Any]) -> None:
     openapi_spec_validator.validate(served)  # the OpenAPI 3.1 meta-schema (raises)
     schema = schemathesis.openapi.from_dict(served)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 8
+    assert len(operations) == 14  # 7 of DispositionService, 1 of CallIngestion, 6 of Webhook
     broken = {**served, "paths": {"/x": {"get": {"responses": {"200": {"description": 5}}}}}}
     with pytest.raises(openapi_spec_validator.validation.exceptions.OpenAPIValidationError):
         openapi_spec_validator.validate(broken)
@@ -80,7 +83,7 @@ def test_every_rest_route_of_envoy_is_documented_and_nothing_else(
             found = {
                 (verb, path)
                 for verb, path in _documented(served)
-                if verb == method and re.fullmatch(regex, path.format(customer_id="x"))
+                if verb == method and re.fullmatch(regex, re.sub(r"\{\w+\}", "x", path))
             }
             assert len(found) == 1, (regex, found)
             routed |= found
@@ -108,6 +111,11 @@ def _check(served: dict[str, Any], method: str, path: str, status: int, body: by
 def test_each_operation_answers_as_documented(stack: Stack, served: dict[str, Any]) -> None:
     port = stack.envoy.http_port
     headers = stack.partner.headers()
+    hooks = "/api/v1/partner/webhook-endpoints"
+    created = call(port, "POST", hooks, b'{"url": "http://127.0.0.1:9/hooks"}', headers)
+    assert created.status == 200, created.body
+    _check(served, "POST", hooks, 200, created.body)
+    endpoint = f"{hooks}/{json.loads(created.body)['data']['id']}"
     requests: list[tuple[str, str, object, int]] = [
         ("POST", "/api/v1/partner/ingest/batch-call",
          {"data": [batch_item("oa-call-1", "oa-customer", "interested")]}, 200),
@@ -127,6 +135,14 @@ def test_each_operation_answers_as_documented(stack: Stack, served: dict[str, An
         ("GET", "/api/v1/partner/customers/oa-nobody/disposition-status", None, 404),
         ("POST", "/api/v1/partner/ingest/batch-call", b"{not json", 400),
         ("GET", "/api/v1/partner/reports/disposition-summary?from=yesterday", None, 422),
+        # A webhook endpoint's life.
+        ("POST", hooks, {"url": "ftp://hooks.example.com/"}, 422),
+        ("GET", hooks, None, 200),
+        ("POST", f"{endpoint}/rotate-secret", None, 200),
+        ("GET", f"{endpoint}/deliveries?status=failed&page_size=10", None, 200),
+        ("POST", f"{endpoint}/deliveries/999999/retry", None, 404),
+        ("DELETE", endpoint, None, 200),
+        ("DELETE", endpoint, None, 404),
     ]  # fmt: skip
     for method, path, body, expected in requests:
         raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()

@@ -139,6 +139,7 @@ def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
         assert listed.stdout.split() == [
             "disposition.v1.CallIngestionService",
             "disposition.v1.DispositionService",
+            "disposition.v1.WebhookService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         ]

@@ -35,6 +35,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
         "server.app",
         "server.main",
         "server.servicers",
+        "server.webhook_servicer",
         "server.interceptors",
         "server.context",
         "server.metrics",

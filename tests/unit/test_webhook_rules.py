@@ -81,6 +81,8 @@ def test_a_tampered_body_or_another_secret_fails_verification() -> None:
         ("https://169.254.169.254/latest", "must not point to a private or internal address"),
         ("https://[::1]/hook", "must not point to a private or internal address"),
         ("https://hooks.example.com:99999/", "must be a valid URL"),
+        ("https://" + "a" * 64 + ".example.com/", "must be a valid URL"),  # a label too long
+        ("https://hooks..example.com/", "must be a valid URL"),  # an empty label
         ("", "must be a URL of at most 2048 characters"),
     ],
 )
