@@ -104,7 +104,9 @@ class App:
         ingestion_grpc.add_CallIngestionServiceServicer_to_server(
             CallIngestionService(db), self.server
         )
-        webhook_grpc.add_WebhookServiceServicer_to_server(WebhookService(db), self.server)
+        webhook_grpc.add_WebhookServiceServicer_to_server(
+            WebhookService(db, lambda: self.webhooks.wake()), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

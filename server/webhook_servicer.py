@@ -9,7 +9,7 @@ field, an endpoint or delivery the caller may not see is 404.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,8 +27,9 @@ Rpc = grpc.aio.ServicerContext[Any, Any]
 
 
 class WebhookService(webhook_grpc.WebhookServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, on_change: Callable[[], None] = lambda: None) -> None:
         self.db = db
+        self.on_change = on_change  # this process's dispatcher: follow a new endpoint now
 
     async def CreateWebhookEndpoint(
         self, request: pb.CreateWebhookEndpointRequest, context: Rpc
@@ -44,6 +45,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
                 allow_private=self.db.settings.webhook_allow_private_urls,
                 partner_pk=caller.partner_pk,
             )
+        self.on_change()
         return pb.CreateWebhookEndpointResponse(
             success=True, data=endpoint_message(created.endpoint, created.secret)
         )

@@ -247,10 +247,16 @@ class WebhookDispatcher:
         self._pruned_at: datetime | None = None
         self._outbox_wake = asyncio.Event()  # a commit of this process: maybe an outbox row
         self._due_wake = asyncio.Event()  # deliveries were fanned out: due now
+        self._lease_wake = asyncio.Event()  # an endpoint was created here: take it now
         db.on_commit(self._outbox_wake.set)
         self.observer: DeliveryObserver = observer or _Unobserved()
         self.track_backlog = track_backlog
         self.backlog: WebhookBacklog | None = None  # the last reading (track_backlog)
+
+    def wake(self) -> None:
+        """An endpoint was created or enabled by this process: take its lease now, not at the
+        next renewal."""
+        self._lease_wake.set()
 
     def start(self) -> None:
         self._tasks = [
@@ -288,7 +294,8 @@ class WebhookDispatcher:
                     log.exception("webhooks: cannot renew the endpoints' leases")
                 failing = True
                 self._follow_only([])  # a lease that cannot be renewed may be taken over
-            await asyncio.sleep(self.renew_seconds)
+            await wait_or_timeout(self._lease_wake, self.renew_seconds)
+            self._lease_wake.clear()
 
     async def renew_leases(self) -> None:
         """One round: disable endpoints failing for the whole retry window, forget old
