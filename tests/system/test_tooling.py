@@ -58,7 +58,7 @@ def test_admin_cli_contract(database_url: str) -> None:
     created = admin(database_url, "partner", "create", "--partner-id", "p1", "--name", "P One")
     assert created.returncode == 0, created.stderr
     issued = json.loads(created.stdout)
-    assert set(issued) == {"partner_id", "api_key", "api_secret"}
+    assert set(issued) == {"partner_id", "api_key", "api_secret", "webhook_secret"}
     again = admin(database_url, "partner", "create", "--partner-id", "p1", "--name", "P One")
     assert (again.returncode, again.stdout) == (4, "")
     assert "already exists" in again.stderr
