@@ -9,6 +9,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -150,6 +151,13 @@ class CommitWatch:
         self._conn = sqlite3.connect(path, isolation_level=None)
 
     def version(self) -> int:
+        """The version once the server's background writes have settled: an accepted batch
+        call's webhook outbox row is fanned out (and deleted) just after the reply, a write the
+        next request must not be blamed for."""
+        deadline = time.monotonic() + 10
+        while self._conn.execute("SELECT 1 FROM webhook_outbox LIMIT 1").fetchone():
+            assert time.monotonic() < deadline, "the webhook outbox is never drained"
+            time.sleep(0.01)
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
 
