@@ -52,6 +52,7 @@ from server.records import (
 from server.rules import webhooks as rules
 from server.runtime.feed import ALL_SUB_TENANTS, FeedHub, wait_or_timeout
 from server.runtime.webhook_http import DeliveryError, WebhookClient
+from server.storage import as_utc
 from server.storage import partners as partner_storage
 from server.storage import webhooks as storage
 
@@ -71,11 +72,6 @@ BACKLOG_CAP = 10_000
 # later, or failed for good (retries ran out, or there is nothing to sign it with).
 DELIVERED, RETRY_SCHEDULED, FAILED = storage.DELIVERED, "retry_scheduled", storage.FAILED
 CALLBACK = "callback"  # the metrics' endpoint label of every callback_url delivery
-
-
-def _aware(when: datetime) -> datetime:
-    """SQLite gives naive datetimes back; every time here is UTC."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _iso(when: datetime) -> str:
@@ -447,7 +443,7 @@ class WebhookDispatcher:
             "claim_expires_at": None,
         }
         if outcome.ok:
-            self._report(endpoint.endpoint_id, outcome, DELIVERED, _aware(change.changed_at))
+            self._report(endpoint.endpoint_id, outcome, DELIVERED, as_utc(change.changed_at))
             return {**row, "status": storage.DELIVERED, "delivered_at": outcome.at,
                     "next_attempt_at": None}  # fmt: skip
         self._report(endpoint.endpoint_id, outcome, RETRY_SCHEDULED, None)
@@ -562,7 +558,7 @@ class WebhookDispatcher:
                         tenant_id=row.tenant_id,
                         sub_tenant_id=row.sub_tenant_id,
                         partner_pk=row.partner_pk,
-                        at=_aware(row.created_at),
+                        at=as_utc(row.created_at),
                     )
                     due = {"event_id": event_id, "event_type": rules.CALL_PROCESSED,
                            "cursor": None, "body": body.decode(), "status": storage.PENDING,
@@ -726,4 +722,4 @@ class WebhookDispatcher:
 
 def _event_time(delivery: WebhookDeliveryRecord) -> datetime:
     """When a stored delivery's event happened: its body's `timestamp`."""
-    return _aware(datetime.fromisoformat(json.loads(delivery.body)["timestamp"]))
+    return as_utc(datetime.fromisoformat(json.loads(delivery.body)["timestamp"]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, Select, and_, delete, func, insert, or_, select, update
@@ -11,12 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import (
     DispositionHistory,
-    FeedSequence,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookOutbox,
 )
 from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
+from server.storage import as_utc
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
@@ -57,10 +57,7 @@ _DELIVERY_COLUMNS = (
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    """SQLite gives naive datetimes back; every time here is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+    return None if value is None else as_utc(value)
 
 
 def _endpoint(row: Row[*tuple[Any, ...]]) -> WebhookEndpointRecord:
@@ -77,7 +74,7 @@ def _endpoint(row: Row[*tuple[Any, ...]]) -> WebhookEndpointRecord:
         disabled_reason=row.disabled_reason,
         failing_since=_utc(row.failing_since),
         cursor=row.cursor,
-        created_at=_utc(row.created_at) or row.created_at,
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -99,19 +96,11 @@ def _delivery(row: Row[*tuple[Any, ...]]) -> WebhookDeliveryRecord:
         last_status_code=row.last_status_code,
         last_error=row.last_error,
         delivered_at=_utc(row.delivered_at),
-        created_at=_utc(row.created_at) or row.created_at,
+        created_at=as_utc(row.created_at),
     )
 
 
 # -- endpoints -----------------------------------------------------------------------------
-
-
-async def tenant_cursor(conn: AsyncConnection, *, tenant_id: str) -> int:
-    """The tenant's last change-feed cursor (0: no change yet)."""
-    found = await conn.scalar(
-        select(FeedSequence.last_seq).where(FeedSequence.tenant_id == tenant_id)
-    )
-    return int(found or 0)
 
 
 async def insert_endpoint(

@@ -28,6 +28,7 @@ from server.records import Caller, WebhookDeliveryRecord, WebhookEndpointRecord
 from server.rules import validation
 from server.rules import webhooks as rules
 from server.runtime.webhook_http import DeliveryError, resolve
+from server.storage import history
 from server.storage import webhooks as storage
 
 ALL_SUB_TENANTS = "*"
@@ -109,7 +110,7 @@ async def create_endpoint(
     chosen = await check_endpoint(url, events, allow_private=allow_private)
     secret = rules.new_secret()
     async with db.write() as conn:
-        cursor = await storage.tenant_cursor(conn, tenant_id=tenant_id)
+        cursors = await history.last_cursors(conn, tenant_ids=[tenant_id])
         endpoint = await storage.insert_endpoint(
             conn,
             endpoint_id="we_" + secrets.token_hex(12),
@@ -119,7 +120,7 @@ async def create_endpoint(
             url=url,
             events=chosen,
             secret=secret,
-            cursor=cursor,
+            cursor=cursors.get(tenant_id, 0),
             now=datetime.now(UTC),
         )
     return CreatedEndpoint(endpoint, secret)

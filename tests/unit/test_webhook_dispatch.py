@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from server.db import Database
+from server.records import WebhookEndpointRecord
 from server.runtime.feed import FeedHub
 from server.runtime.webhooks import WebhookDispatcher
 from server.storage import webhooks as storage
@@ -53,6 +54,15 @@ async def dispatcher(db: Database) -> AsyncIterator[tuple[WebhookDispatcher, Clo
     await feed.close()
 
 
+async def failing_endpoint(db: Database, sub_tenant_id: str) -> WebhookEndpointRecord:
+    """An endpoint of tenant `t` whose URL refuses every connection."""
+    created = await webhooks.create_endpoint(
+        db, tenant_id="t", sub_tenant_id=sub_tenant_id, url=closed_port_url(), events=[],
+        allow_private=True,
+    )  # fmt: skip
+    return created.endpoint
+
+
 async def pending_delivery(db: Database, endpoint_pk: int, at: datetime) -> int:
     async with db.write() as conn:
         await storage.insert_deliveries(conn, [{
@@ -69,15 +79,7 @@ async def test_a_delivery_failing_for_the_whole_window_is_failed_then_replayed(
     db: Database, dispatcher: tuple[WebhookDispatcher, Clock]
 ) -> None:
     sender, clock = dispatcher
-    created = await webhooks.create_endpoint(
-        db,
-        tenant_id="t",
-        sub_tenant_id="s",
-        url=closed_port_url(),
-        events=[],
-        allow_private=True,
-    )
-    endpoint = created.endpoint
+    endpoint = await failing_endpoint(db, "s")
     started = clock.now
     await pending_delivery(db, endpoint.pk, started)
 
@@ -107,15 +109,7 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
     db: Database, dispatcher: tuple[WebhookDispatcher, Clock]
 ) -> None:
     sender, clock = dispatcher
-    created = await webhooks.create_endpoint(
-        db,
-        tenant_id="t",
-        sub_tenant_id="*",
-        url=closed_port_url(),
-        events=[],
-        allow_private=True,
-    )
-    endpoint = created.endpoint
+    endpoint = await failing_endpoint(db, "*")
     started = clock.now
     await pending_delivery(db, endpoint.pk, started)
     assert await sender.retry_due() == 1  # fails: the endpoint is failing from now on
