@@ -135,6 +135,7 @@ def main() -> int:
             [("HTTP_PORT", http_port), ("ENVOY_ADMIN_PORT", admin_port)]
             + [("GRPC_PORT", port) for port in ports]
             + [("METRICS_PORT", port) for port in metrics]
+            + [("METRICS_PORT", metrics_port + replicas)]  # the webhook worker's
         )
         credentials_file = var_dir(os.environ) / CREDENTIALS_FILE
         creds = asyncio.run(prepare(settings, credentials_file))
@@ -153,6 +154,7 @@ def main() -> int:
     topology = (
         f"  gRPC (Envoy):  127.0.0.1:{http_port}  (load balanced; reflection on)\n"
         f"  {replicas} replicas: {listing}\n"
+        f"  webhooks: one disposition-webhooks worker (metrics :{metrics_port + replicas})\n"
         f"  PostgreSQL: {make_url(settings.database_url).render_as_string(hide_password=True)}\n"
         f"  Redis: {(settings.redis_url or '').rsplit('@', 1)[-1]}"
     )
@@ -163,6 +165,7 @@ def main() -> int:
             {"GRPC_PORT": str(port), "METRICS_PORT": str(metric)}
             for port, metric in zip(ports, metrics, strict=True)
         ],
+        workers=[{"METRICS_PORT": str(metrics_port + replicas)}],
         creds=creds,
         http_port=http_port,
         admin_port=admin_port,

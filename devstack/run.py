@@ -169,7 +169,8 @@ Disposition service is up (Ctrl-C stops it).
   Demo partner {DEMO_PARTNER}, tenant {DEMO_TENANT}/{DEMO_SUB_TENANT}, customer {DEMO_CUSTOMER}
   Credentials: {_shown(credentials_file)} (created on the first run, mode 0600)
   For docs/api.md's examples: source {_shown(credentials_file.parent / "demo.env")}
-  Webhooks: WEBHOOK_ALLOW_PRIVATE_URLS=true (http and local receivers allowed; development only)
+  Webhooks: delivered by a disposition-webhooks worker; WEBHOOK_ALLOW_PRIVATE_URLS=true
+    (http and local receivers allowed; development only)
 
 Try it:
 curl -sS -X PUT http://127.0.0.1:{http_port}{update} -H 'Content-Type: application/json' \
@@ -194,8 +195,12 @@ def main() -> int:
         admin_port = port_setting(env, "ENVOY_ADMIN_PORT", DEFAULT_ADMIN_PORT)
         ports = [("HTTP_PORT", http_port), ("ENVOY_ADMIN_PORT", admin_port),
                  ("GRPC_PORT", settings.grpc_port)]  # fmt: skip
+        worker: dict[str, str] = {}
         if settings.metrics_port:
             ports.append(("METRICS_PORT", settings.metrics_port))
+            # The webhook worker's metrics: the next port.
+            ports.append(("METRICS_PORT", settings.metrics_port + 1))
+            worker["METRICS_PORT"] = str(settings.metrics_port + 1)
         check_free(ports)
         credentials_file = var_dir(env) / "demo-partner.json"
         creds = asyncio.run(demo_credentials(settings, credentials_file))
@@ -209,6 +214,7 @@ def main() -> int:
         settings,
         env=env,
         replicas=[{"GRPC_PORT": str(settings.grpc_port)}],
+        workers=[worker],
         creds=creds,
         http_port=http_port,
         admin_port=admin_port,
@@ -224,6 +230,7 @@ def serve(
     *,
     env: Mapping[str, str],
     replicas: Sequence[Mapping[str, str]],
+    workers: Sequence[Mapping[str, str]],
     creds: Credentials,
     http_port: int,
     admin_port: int,
@@ -232,10 +239,11 @@ def serve(
     credentials_file: Path,
     command: str,
 ) -> int:
-    """Start one `disposition-server` per entry of `replicas` (its extra environment), then
-    Envoy in front of them all; seed the demo customer, print the banner and serve until
-    Ctrl-C/SIGTERM or until every server has exited. Stops in order: Envoy's listeners drain,
-    then every server drains its in-flight RPCs at once."""
+    """Start one `disposition-server` per entry of `replicas` and one `disposition-webhooks`
+    worker per entry of `workers` (their extra environment), then Envoy in front of the
+    servers; seed the demo customer, print the banner and serve until Ctrl-C/SIGTERM or until
+    every server has exited. Stops in order: Envoy's listeners drain, then every server drains
+    its in-flight RPCs at once (and the workers store what they sent)."""
     stop = {"signal": 0}
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -255,6 +263,7 @@ def serve(
                 start_stack(
                     settings.database_url,
                     replicas=replicas,
+                    webhook_workers=workers,
                     server_env={**env, **server_env},
                     http_host=env.get("HTTP_HOST") or DEFAULT_HTTP_HOST,
                     http_port=http_port,
@@ -271,6 +280,7 @@ def serve(
         print(f"Demo customer {DEMO_CUSTOMER}: call {seeded}.", flush=True)
         print(_banner(stack.http_port, grpc_target, creds, topology, credentials_file), flush=True)
         running = set(range(len(stack.servers)))
+        delivering = set(range(len(stack.workers)))
         while not stop["signal"] and running:
             for index in sorted(running):
                 process = stack.servers[index].process
@@ -279,6 +289,15 @@ def serve(
                     print(
                         f"disposition-server on :{stack.servers[index].port} exited with "
                         f"{process.returncode}",
+                        flush=True,
+                    )
+            for index in sorted(delivering):
+                process = stack.workers[index].process
+                if process is not None and process.poll() is not None:
+                    delivering.discard(index)
+                    print(
+                        f"disposition-webhooks exited with {process.returncode}: webhooks are "
+                        "not delivered until it runs again",
                         flush=True,
                     )
             time.sleep(0.2)

@@ -27,6 +27,7 @@ from devstack.processes import die_with_parent, stop_process
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SERVER: tuple[str, ...] = (str(BIN / "disposition-server"),)
+WEBHOOKS: tuple[str, ...] = (str(BIN / "disposition-webhooks"),)  # the webhook worker
 
 
 class ServerStartError(RuntimeError):

@@ -4,6 +4,10 @@
         urlopen(f"http://127.0.0.1:{stack.http_port}/...")     # REST through Envoy
         grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}")  # gRPC, straight to server 0
 
+With `webhook_workers`, one `disposition-webhooks` process per entry delivers the webhooks
+(started once the servers are ready, stopped with them) and the servers run with
+WEBHOOK_DELIVERY=worker.
+
 Servers start side by side and are each ready by their own "serving" line (devstack/server.py);
 Envoy is ready by its own admin address file and /ready (devstack/envoy.py). Stopping runs in
 the reverse order: Envoy first, so no new request reaches a stopping server, then every server
@@ -19,7 +23,7 @@ from pathlib import Path
 
 from devstack.envoy import EnvoyPorts, run_envoy
 from devstack.processes import stop_processes
-from devstack.server import SERVER, ServerProcess, ServerStartError
+from devstack.server import SERVER, WEBHOOKS, ServerProcess, ServerStartError
 from gateway.envoy_config import DEFAULT_HTTP_HOST
 
 
@@ -28,6 +32,7 @@ class Stack:
     database_url: str
     servers: list[ServerProcess]
     envoy: EnvoyPorts
+    workers: list[ServerProcess]
 
     @property
     def http_port(self) -> int:
@@ -55,13 +60,18 @@ def start_stack(
     http_port: int = 0,
     admin_port: int = 0,
     drain_seconds: float = 15.0,
+    webhook_workers: Sequence[Mapping[str, str]] = (),
 ) -> Iterator[Stack]:
     """One server per entry of `replicas` (its extra environment, e.g. a fixed GRPC_PORT; free
     ports otherwise), all with `server_env`, then Envoy balancing over them.
 
     `workdir` holds the logs (`server<i>.log`, `envoy.log`); without it the servers log to this
-    process's stderr. Each server gets `drain_seconds` to stop before it is killed.
+    process's stderr (workers: `webhooks<i>.log`). Each server gets `drain_seconds` to stop
+    before it is killed. Each worker gets `server_env` and its entry of `webhook_workers`, but
+    no METRICS_PORT unless its entry names one (the servers' would be taken).
     """
+    if webhook_workers:
+        server_env = {**(server_env or {}), "WEBHOOK_DELIVERY": "worker"}
     servers = [
         ServerProcess(
             database_url,
@@ -70,6 +80,15 @@ def start_stack(
             **{**(server_env or {}), **extra},
         )
         for index, extra in enumerate(replicas)
+    ]
+    workers = [
+        ServerProcess(
+            database_url,
+            None if workdir is None else workdir / f"webhooks{index}.log",
+            argv=WEBHOOKS,
+            **{**(server_env or {}), "METRICS_PORT": "", **extra},
+        )
+        for index, extra in enumerate(webhook_workers)
     ]
     with ExitStack() as stack:
         launched: list[ServerProcess] = []
@@ -84,6 +103,11 @@ def start_stack(
             launched.append(server)
         for server in servers:
             server.wait_ready()
+        for worker in workers:  # after the servers: on SQLite, they migrate the database
+            worker.launch()
+            launched.append(worker)
+        for worker in workers:
+            worker.wait_ready()
         envoy = stack.enter_context(
             run_envoy(
                 grpc_port=[server.port for server in servers],
@@ -93,7 +117,7 @@ def start_stack(
                 log_path=None if workdir is None else workdir / "envoy.log",
             )
         )
-        yield Stack(database_url, servers, envoy)
+        yield Stack(database_url, servers, envoy, workers)
 
 
 __all__ = ["ServerStartError", "Stack", "start_stack"]

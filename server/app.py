@@ -105,27 +105,24 @@ class App:
             CallIngestionService(db), self.server
         )
         webhook_grpc.add_WebhookServiceServicer_to_server(
-            WebhookService(db, lambda: self.webhooks.wake()), self.server
+            WebhookService(db, self._endpoint_changed), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.webhooks = WebhookDispatcher(
-            db,
-            self.feed,
-            timeout_seconds=settings.webhook_timeout_seconds,
-            retry_base_seconds=settings.webhook_retry_base_seconds,
-            allow_private=settings.webhook_allow_private_urls,
-            max_in_flight=settings.webhook_max_in_flight,
-            retry_window_seconds=settings.webhook_retry_window_seconds,
-            observer=self.metrics.webhooks,
-            track_backlog=settings.metrics_port is not None,
-        )
+        # With WEBHOOK_DELIVERY=worker, disposition-webhooks processes deliver instead.
+        self.webhooks = webhook_dispatcher(settings, db, self.feed, self.metrics)
+        self.delivers = settings.webhook_delivery == "server"
         self.metrics.watch_state(db, lambda: self.feed.watcher_count)
-        self.metrics.watch_webhook_backlog(lambda: self.webhooks.backlog)
+        if self.delivers:
+            self.metrics.watch_webhook_backlog(lambda: self.webhooks.backlog)
         self.port = 0
         self.metrics_port: int | None = None
+
+    def _endpoint_changed(self) -> None:
+        if self.delivers:
+            self.webhooks.wake()
 
     def _build_limiter(self) -> RateLimiter:
         if self.settings.redis_url is None:
@@ -162,7 +159,8 @@ class App:
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.webhooks.start()
+        if self.delivers:
+            self.webhooks.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -170,7 +168,8 @@ class App:
         here meanwhile), then stop accepting, let in-flight RPCs finish within the grace and
         close the pools."""
         await self.health.enter_graceful_shutdown()
-        await self.webhooks.close()  # before the feed: its followers are feed watchers
+        if self.delivers:
+            await self.webhooks.close()  # before the feed: its followers are feed watchers
         await self.feed.close()  # watchers get UNAVAILABLE at once and resume on another replica
         if self.settings.shutdown_drain_seconds > 0:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
@@ -182,3 +181,22 @@ class App:
         # After the drain, so the last RPCs can be scraped meanwhile; shutdown() blocks (polls).
         await asyncio.to_thread(self.metrics.stop)
         await self.db.dispose()
+
+
+def webhook_dispatcher(
+    settings: Settings, db: Database, feed: FeedHub, metrics: Metrics
+) -> WebhookDispatcher:
+    """The webhook dispatcher, configured from `settings`, reporting to `metrics` (not started)."""
+    return WebhookDispatcher(
+        db,
+        feed,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        retry_base_seconds=settings.webhook_retry_base_seconds,
+        allow_private=settings.webhook_allow_private_urls,
+        max_in_flight=settings.webhook_max_in_flight,
+        retry_window_seconds=settings.webhook_retry_window_seconds,
+        lease_seconds=settings.webhook_lease_seconds,
+        renew_seconds=min(2.0, settings.webhook_lease_seconds / 3),
+        observer=metrics.webhooks,
+        track_backlog=settings.metrics_port is not None,
+    )

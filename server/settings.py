@@ -91,6 +91,15 @@ class Settings:
     # healthy receiver gets its events in cursor order; more: faster, in an order that may vary
     # within that window.
     webhook_max_in_flight: int = 1
+    # Who delivers: "server" (each disposition-server, beside its API) or "worker" (only
+    # `disposition-webhooks` processes: deliveries then take no CPU from the API's event loop).
+    webhook_delivery: str = "server"
+    # How long a process's hold on an endpoint lasts unless renewed (renewed every third of it,
+    # at most every 2 s): after a crash, another process takes its endpoints over this late.
+    webhook_lease_seconds: float = 10.0
+    # disposition-webhooks lowers its CPU priority by this much (0-19; 0: not at all), so that
+    # on a shared host the API's requests come before deliveries, which catch up when idle.
+    webhook_worker_nice: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +138,9 @@ class Settings:
             webhook_retry_window_seconds=_float(
                 env, "WEBHOOK_RETRY_WINDOW_SECONDS", 3 * 24 * 3600.0, minimum=1.0
             ),
+            webhook_delivery=env.get("WEBHOOK_DELIVERY", "server").strip().lower(),
+            webhook_lease_seconds=_float(env, "WEBHOOK_LEASE_SECONDS", 10.0, minimum=1.0),
+            webhook_worker_nice=_int(env, "WEBHOOK_WORKER_NICE", 10, minimum=0),
         )
         settings.check()
         return settings
@@ -168,6 +180,12 @@ class Settings:
                 "WEBHOOK_ALLOW_PRIVATE_URLS=true is not allowed in production (it lets webhook "
                 "URLs reach the service's own network)"
             )
+        if self.webhook_delivery not in {"server", "worker"}:
+            raise SettingsError(
+                f"WEBHOOK_DELIVERY must be server or worker, got {self.webhook_delivery!r}"
+            )
+        if self.webhook_worker_nice > 19:
+            raise SettingsError("WEBHOOK_WORKER_NICE must be between 0 and 19")
         if self.metrics_port is not None and self.metrics_port > 65535:
             raise SettingsError(f"METRICS_PORT must be at most 65535, got {self.metrics_port}")
 

@@ -10,9 +10,12 @@ a rolled-back one never does. Each endpoint keeps the cursor of the last change 
   leases within `lease_seconds`, when another takes them over from the stored cursor.
 - First attempts: the follower of an endpoint reads the changes after its cursor (woken by the
   change feed: at once for this process's commits, by LISTEN/NOTIFY for other replicas' on
-  PostgreSQL), sends them in cursor order with up to `max_in_flight` at once, then stores the
-  outcomes and moves the cursor in one transaction. A crash before that store sends them again
-  (at least once: receivers deduplicate on `webhook-id`).
+  PostgreSQL) and sends them in cursor order with up to `max_in_flight` at once. The outcomes of
+  every follower of the process are stored, and their cursors moved, in one transaction at most
+  every `RECORD_SECONDS` (on SQLite every write takes the one writer the API's updates need: one
+  store per endpoint per batch cut the update throughput with 3 endpoints to a third). A crash
+  before that store sends them again (at least once: receivers deduplicate on `webhook-id`); a
+  stop stores them first.
 - Retries: a failed attempt (non-2xx, timeout, connection error, refused address) is stored as
   pending with its next attempt due after an exponential, jittered delay; any process claims due
   deliveries. After the retry window (3 days) the delivery is marked failed (kept for replay),
@@ -64,6 +67,10 @@ UNGRANTED = "the partner is disabled or no longer granted this tenant"
 PRUNE_EVERY = timedelta(minutes=1)
 OUTBOX_BATCH = 100
 OUTBOX_LINGER_SECONDS = 0.05
+# The followers' outcomes are stored together at most this often; a follower with more than
+# RECORD_BACKLOG unstored deliveries waits for the next store.
+RECORD_SECONDS = 0.1
+RECORD_BACKLOG = 5_000
 # How often the backlog is read for metrics, and how far each of its counts goes.
 BACKLOG_SECONDS = 2.0
 BACKLOG_CAP = 10_000
@@ -244,14 +251,17 @@ class WebhookDispatcher:
         self._outbox_wake = asyncio.Event()  # a commit of this process: maybe an outbox row
         self._due_wake = asyncio.Event()  # deliveries were fanned out: due now
         self._lease_wake = asyncio.Event()  # an endpoint was created here: take it now
+        self._unstored: dict[str, storage.BatchOutcome] = {}  # by endpoint id
+        self._store_wake = asyncio.Event()
+        self._stored = asyncio.Event()  # set (and replaced) by each store
         db.on_commit(self._outbox_wake.set)
         self.observer: DeliveryObserver = observer or _Unobserved()
         self.track_backlog = track_backlog
         self.backlog: WebhookBacklog | None = None  # the last reading (track_backlog)
 
     def wake(self) -> None:
-        """An endpoint was created or enabled by this process: take its lease now, not at the
-        next renewal."""
+        """An endpoint was created by this process: take its lease now, not at the next
+        renewal."""
         self._lease_wake.set()
 
     def start(self) -> None:
@@ -259,18 +269,22 @@ class WebhookDispatcher:
             asyncio.create_task(self._keep_leases(), name="webhook-leases"),
             asyncio.create_task(self._retry(), name="webhook-retries"),
             asyncio.create_task(self._fan_out(), name="webhook-outbox"),
+            asyncio.create_task(self._store_outcomes(), name="webhook-store"),
         ]
         if self.track_backlog:
             self._tasks.append(asyncio.create_task(self._watch_backlog(), name="webhook-backlog"))
 
     async def close(self) -> None:
-        """Stop delivering and hand the endpoints back (another process takes them at once)."""
+        """Stop delivering, store what was sent, and hand the endpoints back (another process
+        takes them at once, from the stored cursors)."""
         tasks = [*self._tasks, *self._followers.values()]
         for task in tasks:
             task.cancel()
         if tasks:  # bounded: a stop never waits on a receiver
             await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
         self._followers.clear()
+        with contextlib.suppress(Exception):
+            await self.store_outcomes()
         with contextlib.suppress(Exception):
             async with self.db.write() as conn:
                 await storage.release_leases(conn, owner=self.owner)
@@ -351,7 +365,8 @@ class WebhookDispatcher:
         ):
             if not batch.changes:
                 continue
-            # As stored now: a disable, a new secret or URL applies from the next batch on.
+            # As stored now: a disable, a revoked grant, a new secret or URL applies to every
+            # change committed after it (the batch's changes were read after this).
             async with self.db.read() as conn:
                 current = await storage.endpoint_by_pk(conn, pk=endpoint.pk)
             if current is None or current.endpoint_id != endpoint.endpoint_id:
@@ -370,19 +385,63 @@ class WebhookDispatcher:
                 ):
                     deliveries.append(self._first_attempt(current, change, event_id, body, outcome))
                     healthy = healthy and outcome.ok
-            async with self.db.write() as conn:
-                kept = await storage.record_batch(
-                    conn,
-                    owner=self.owner,
-                    endpoint_pk=current.pk,
-                    endpoint_id=current.endpoint_id,
-                    cursor=batch.cursor,
-                    deliveries=deliveries,
-                    failing_since=self.now(),
-                    healthy=healthy,
-                )
-            if not kept:  # the lease went to another process, which sends from the cursor
-                return
+            if self._record(current, batch.cursor, deliveries, healthy):
+                await self._stored.wait()  # too much unstored: wait for the store
+
+    def _record(
+        self,
+        endpoint: WebhookEndpointRecord,
+        cursor: int,
+        deliveries: Sequence[dict[str, Any]],
+        healthy: bool,
+    ) -> bool:
+        """Keep a batch's outcome for the next store; True when the follower should wait."""
+        pending = self._unstored.get(endpoint.endpoint_id)
+        if pending is None:
+            pending = self._unstored[endpoint.endpoint_id] = storage.BatchOutcome(
+                endpoint.pk, endpoint.endpoint_id, cursor, None, False
+            )
+        pending.add(cursor, deliveries, healthy, self.now())
+        self._store_wake.set()
+        return len(pending.deliveries) > RECORD_BACKLOG
+
+    async def _store_outcomes(self) -> None:
+        failing = False
+        while True:
+            await self._store_wake.wait()
+            await asyncio.sleep(RECORD_SECONDS)  # the outcomes of the next moment: one write
+            self._store_wake.clear()
+            try:
+                await self.store_outcomes()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("webhooks: cannot store the deliveries' outcomes")
+                failing = True
+
+    async def store_outcomes(self) -> None:
+        """Store the followers' outcomes and cursors in one transaction. An endpoint whose lease
+        this process lost (or whose outcomes could not be stored) stops being followed here:
+        it is sent again from its stored cursor (at least once), by whoever holds it."""
+        outcomes, self._unstored = list(self._unstored.values()), {}
+        stored, self._stored = self._stored, asyncio.Event()
+        try:
+            if outcomes:
+                async with self.db.write() as conn:
+                    lost = await storage.record_batches(conn, owner=self.owner, outcomes=outcomes)
+                for endpoint_id in lost:
+                    self._stop_following(endpoint_id)
+        except BaseException:
+            for outcome in outcomes:
+                self._stop_following(outcome.endpoint_id)
+            raise
+        finally:
+            stored.set()
+
+    def _stop_following(self, endpoint_id: str) -> None:
+        task = self._followers.pop(endpoint_id, None)
+        if task is not None:
+            task.cancel()
 
     async def _owner_may_receive(self, endpoint: WebhookEndpointRecord) -> bool:
         """False (and the endpoint disabled, saying why) when its partner may no longer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -209,7 +210,7 @@ async def set_secret(conn: AsyncConnection, *, endpoint_pk: int, secret: str) ->
 
 async def delete_endpoint(conn: AsyncConnection, *, endpoint_pk: int) -> None:
     """The endpoint and its deliveries. Its row is locked first (PostgreSQL): a batch being
-    stored for it (record_batch updates that row before it inserts) or a fan-out inserting
+    stored for it (record_batches updates that row before it inserts) or a fan-out inserting
     deliveries for it commits before, and its deliveries go too, or waits and finds it gone."""
     await conn.execute(
         select(WebhookEndpoint.id).where(WebhookEndpoint.id == endpoint_pk).with_for_update()
@@ -306,39 +307,63 @@ async def release_leases(conn: AsyncConnection, *, owner: str) -> None:
 # -- after a batch of first attempts --------------------------------------------------------
 
 
-async def record_batch(
-    conn: AsyncConnection,
-    *,
-    owner: str,
-    endpoint_pk: int,
-    endpoint_id: str,
-    cursor: int,
-    deliveries: Sequence[dict[str, Any]],
-    failing_since: datetime | None,
-    healthy: bool,
-) -> bool:
-    """Store a batch's deliveries and move the endpoint's cursor past it, while `owner` still
-    holds the endpoint's lease (and it is still that endpoint: SQLite may give a deleted
-    endpoint's row id to a new one); False (nothing stored) when it does not."""
-    moved = await conn.execute(
-        update(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.id == endpoint_pk,
-            WebhookEndpoint.endpoint_id == endpoint_id,
-            WebhookEndpoint.lease_owner == owner,
+@dataclass
+class BatchOutcome:
+    """What a follower did since the last store, for one endpoint: the deliveries it attempted
+    (their rows), the cursor it reached, and its health: `failing_since` is None when its last
+    batch succeeded, else when its run of failed batches began: since a success of this span
+    (`recovered`), or before it (the stored time stays, or this one is stored)."""
+
+    endpoint_pk: int
+    endpoint_id: str
+    cursor: int
+    failing_since: datetime | None
+    recovered: bool
+    deliveries: dict[str, dict[str, Any]] = field(default_factory=dict)  # by event id
+
+    def add(
+        self, cursor: int, deliveries: Sequence[dict[str, Any]], healthy: bool, at: datetime
+    ) -> None:
+        """A later batch of the same endpoint (an event sent again replaces its earlier row)."""
+        self.cursor = max(self.cursor, cursor)
+        self.deliveries.update((row["event_id"], row) for row in deliveries)
+        if healthy:
+            self.failing_since, self.recovered = None, True
+        elif self.failing_since is None:
+            self.failing_since = at
+
+
+async def record_batches(
+    conn: AsyncConnection, *, owner: str, outcomes: Sequence[BatchOutcome]
+) -> list[str]:
+    """Store the followers' deliveries and move each endpoint's cursor, for the endpoints whose
+    lease `owner` still holds (and that are still those endpoints: SQLite may give a deleted
+    endpoint's row id to a new one). The ids of the endpoints it no longer holds (nothing stored
+    for them: another process sends from the stored cursor)."""
+    lost: list[str] = []
+    kept: list[dict[str, Any]] = []
+    for outcome in outcomes:
+        moved = await conn.execute(
+            update(WebhookEndpoint)
+            .where(
+                WebhookEndpoint.id == outcome.endpoint_pk,
+                WebhookEndpoint.endpoint_id == outcome.endpoint_id,
+                WebhookEndpoint.lease_owner == owner,
+            )
+            .values(
+                cursor=outcome.cursor,
+                failing_since=outcome.failing_since
+                if outcome.failing_since is None or outcome.recovered
+                else func.coalesce(WebhookEndpoint.failing_since, outcome.failing_since),
+            )
         )
-        .values(
-            cursor=cursor,
-            failing_since=None
-            if healthy
-            else func.coalesce(WebhookEndpoint.failing_since, failing_since),
-        )
-    )
-    if moved.rowcount != 1:
-        return False
-    if deliveries:
-        await conn.execute(insert(WebhookDelivery), list(deliveries))
-    return True
+        if moved.rowcount != 1:
+            lost.append(outcome.endpoint_id)
+        else:
+            kept += outcome.deliveries.values()
+    if kept:
+        await conn.execute(insert(WebhookDelivery), kept)
+    return lost
 
 
 # -- retries ---------------------------------------------------------------------------------

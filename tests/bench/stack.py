@@ -16,7 +16,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -192,14 +192,23 @@ class Topology:
     envoy: EnvoyPorts
     grpc_port: int  # where gRPC load goes: the one server (single) or Envoy (cluster)
     history_rows: Callable[[], int]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)  # disposition-webhooks
 
     @property
     def pids(self) -> list[int]:
         return [server.pid for server in self.servers]
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
+
 
 def _processes(running: Stack) -> list[subprocess.Popen[bytes]]:
     return [server.process for server in running.servers if server.process is not None]
+
+
+def _workers(running: Stack) -> list[subprocess.Popen[bytes]]:
+    return [worker.process for worker in running.workers if worker.process is not None]
 
 
 def single_topology(
@@ -208,10 +217,12 @@ def single_topology(
     seed: Callable[[Path], None] | None = None,
     argv: Sequence[str] = SERVER,
     server_env: Mapping[str, str] | None = None,
+    webhook_workers: int = 0,
 ) -> Topology:
     """One server on a fresh SQLite file (WAL), Envoy in front; gRPC load goes to the server.
     `seed` gets the database file after the bench partner is made, before the server starts;
-    `server_env` is the server's environment beyond the bench's."""
+    `server_env` is the server's environment beyond the bench's; `webhook_workers`: how many
+    disposition-webhooks processes deliver (none: the server does)."""
     db = workdir / "bench.db"
     env = database_env(db)
     partner = create_partner(env["DATABASE_URL"])
@@ -220,12 +231,13 @@ def single_topology(
     running = stack.enter_context(start_stack(
         env["DATABASE_URL"], workdir=workdir, argv=argv,
         server_env={**(server_env or {}), "LOG_LEVEL": "WARNING"},
+        webhook_workers=[{}] * webhook_workers,
     ))  # fmt: skip
     return Topology(
         "single",
         "fresh SQLite file (WAL), SQLITE_SYNCHRONOUS=FULL (server default), in-process rate limits",
         env, partner, _processes(running), running.server_ports, running.envoy,
-        running.grpc_port, lambda: history_rows(db),
+        running.grpc_port, lambda: history_rows(db), _workers(running),
     )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class Stack:
     server: ServerProcess
     envoy: EnvoyPorts
     partner: Credentials
+    workers: list[ServerProcess] = field(default_factory=list)  # disposition-webhooks
 
     def request(
         self,
@@ -69,15 +70,22 @@ class Stack:
 
 
 def start_stack(
-    tmp: Path, database_url: str | None = None, server_env: Mapping[str, str] | None = None
+    tmp: Path,
+    database_url: str | None = None,
+    server_env: Mapping[str, str] | None = None,
+    *,
+    webhook_workers: int = 0,
 ) -> Iterator[Stack]:
     """The stack on `database_url` (at head already on PostgreSQL), else a new SQLite file;
-    `server_env`: the server's extra environment."""
+    `server_env`: the server's extra environment; `webhook_workers`: how many
+    disposition-webhooks processes deliver the webhooks (none: the server does)."""
     url = database_url or f"sqlite+aiosqlite:///{tmp / 'disposition.db'}"
-    with start_devstack(url, workdir=tmp, server_env=server_env) as running:
+    with start_devstack(
+        url, workdir=tmp, server_env=server_env, webhook_workers=[{}] * webhook_workers
+    ) as running:
         stack = Stack(
             url, settings_for(url).sqlite_path(), running.servers[0], running.envoy,
-            Credentials("", "", ""),
+            Credentials("", "", ""), running.workers,
         )  # fmt: skip
         stack.partner = stack.onboard("123")
         reply = stack.ingest(stack.partner, batch_item("call-1", "customer123"))

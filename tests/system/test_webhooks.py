@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from devstack import ServerProcess
 from server.db import Database
 from tests.support.admin import admin
 from tests.support.databases import failing_inserts, settings_for
@@ -21,7 +22,12 @@ from tests.support.payloads import batch_item
 from tests.support.rest import Stack, start_stack
 from tests.support.webhooks import Received, Receiver
 
-FAST_RETRIES = {"WEBHOOK_RETRY_BASE_SECONDS": "0.2", "WEBHOOK_ALLOW_PRIVATE_URLS": "true"}
+# Quick retries, and a killed process's endpoints taken over within ~3 s (not 10).
+FAST_RETRIES = {
+    "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+    "WEBHOOK_ALLOW_PRIVATE_URLS": "true",
+    "WEBHOOK_LEASE_SECONDS": "3",
+}
 
 
 @pytest.fixture
@@ -33,7 +39,9 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def stack(database_url: str, tmp_path: Path) -> Iterator[Stack]:
-    yield from start_stack(tmp_path, database_url, server_env=FAST_RETRIES)
+    """As `make run` starts it: the server and one disposition-webhooks worker, which
+    delivers (WEBHOOK_DELIVERY=worker)."""
+    yield from start_stack(tmp_path, database_url, server_env=FAST_RETRIES, webhook_workers=1)
 
 
 def cli(stack: Stack, *args: str, **env: str) -> Any:
@@ -98,6 +106,27 @@ def test_a_change_is_delivered_signed_and_verifies(stack: Stack, receiver: Recei
     assert [(d["event_id"], d["status"], d["attempts"], d["last_status_code"]) for d in shown] == [
         (f"evt_{history.id}", "delivered", 1, 200)
     ]
+
+
+def test_with_a_worker_only_the_worker_delivers(stack: Stack, receiver: Receiver) -> None:
+    """WEBHOOK_DELIVERY=worker: the server never takes an endpoint, even with several to share
+    (two processes delivering would split them by lease)."""
+    for _ in range(4):
+        create_endpoint(stack, receiver.url, "disposition.changed")
+    put(stack, "interested")
+    receiver.wait(lambda got: len(got) == 4)
+    (worker,) = stack.workers
+
+    def attempts(process: ServerProcess) -> int:
+        return sum(1 for line in process.log_lines() if line["message"] == "webhook attempt")
+
+    deadline = time.monotonic() + 10  # each attempt is logged once its reply is read
+    while attempts(worker) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert attempts(worker) == 4
+    assert attempts(stack.server) == 0
+    (owner,) = {row.lease_owner for row in stack.sql("SELECT lease_owner FROM webhook_endpoints")}
+    assert worker.process is not None and f":{worker.process.pid}:" in owner
 
 
 def test_failed_attempts_are_retried_with_the_same_webhook_id(
@@ -176,17 +205,20 @@ def test_events_follow_cursor_order_and_disabled_endpoints_catch_up(
     assert gone.returncode == 3 and f"no webhook endpoint {endpoint['id']!r}" in gone.stderr
 
 
-def test_undelivered_events_survive_a_sigkill_of_the_server(stack: Stack, tmp_path: Path) -> None:
+def test_undelivered_events_survive_a_sigkill_of_the_stack(stack: Stack, tmp_path: Path) -> None:
     receiver = Receiver().start()
     port = receiver.port
     receiver.stop()  # down: nothing listens on the endpoint's port
     endpoint = create_endpoint(stack, f"http://127.0.0.1:{port}/hooks")
     for status in ("one", "two", "three"):
         put(stack, status)
-    stack.server.stop(signal.SIGKILL)
+    (worker,) = stack.workers
+    for process in (worker, stack.server):
+        process.stop(signal.SIGKILL)
     receiver = Receiver(port=port).start()
     try:
-        stack.server.start()  # its lease expired with it: taken over within ~12 s
+        stack.server.start()
+        worker.start()  # the killed worker's lease expires: taken over within ~3 s
         got = receiver.wait(lambda got: {"one", "two", "three"} <= set(statuses(got)), timeout=60)
         for request in got:
             Webhook(endpoint["secret"]).verify(request.body, request.headers)

@@ -36,6 +36,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
         "server.main",
         "server.servicers",
         "server.webhook_servicer",
+        "server.webhook_worker",
         "server.interceptors",
         "server.context",
         "server.metrics",

@@ -130,3 +130,56 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
 
     enabled = await webhooks.set_enabled(db, endpoint_id=endpoint.endpoint_id, enabled=True)
     assert (enabled.enabled, enabled.failing_since, enabled.disabled_reason) == (True, None, None)
+
+
+def _row(event_id: str, status: str, at: datetime) -> dict[str, object]:
+    return {
+        "endpoint_pk": None, "target_url": None, "partner_pk": None, "event_id": event_id,
+        "event_type": "disposition.changed", "cursor": 1, "body": "{}", "status": status,
+        "attempts": 1, "first_attempt_at": at, "last_attempt_at": at, "created_at": at,
+    }  # fmt: skip
+
+
+def test_batches_merge_into_one_outcome_per_endpoint() -> None:
+    """The followers' batches kept between two stores: the furthest cursor, one row per event
+    (the last attempt), and the endpoint's health as the batches left it."""
+    t0 = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    failing = storage.BatchOutcome(1, "we_a", 5, None, False)
+    failing.add(7, [_row("evt_1", storage.PENDING, t0)], healthy=False, at=t0)
+    failing.add(9, [_row("evt_2", storage.PENDING, t0)], healthy=False, at=t0 + WINDOW)
+    assert (failing.cursor, failing.failing_since, failing.recovered) == (9, t0, False)
+    failing.add(6, [_row("evt_1", storage.DELIVERED, t0)], healthy=True, at=t0)  # sent again
+    assert (failing.cursor, failing.failing_since, failing.recovered) == (9, None, True)
+    assert {k: v["status"] for k, v in failing.deliveries.items()} == {
+        "evt_1": storage.DELIVERED, "evt_2": storage.PENDING}  # fmt: skip
+    failing.add(10, [], healthy=False, at=t0 + 2 * WINDOW)  # failing again since then
+    assert (failing.failing_since, failing.recovered) == (t0 + 2 * WINDOW, True)
+
+
+async def test_outcomes_are_stored_only_while_the_lease_is_held(db: Database) -> None:
+    t0 = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    endpoint = await failing_endpoint(db, "s1")
+
+    def outcome(cursor: int, event_id: str) -> storage.BatchOutcome:
+        kept = storage.BatchOutcome(endpoint.pk, endpoint.endpoint_id, 0, None, False)
+        row = {**_row(event_id, storage.DELIVERED, t0), "endpoint_pk": endpoint.pk}
+        kept.add(cursor, [row], healthy=True, at=t0)
+        return kept
+
+    async def stored() -> tuple[int, list[str]]:
+        async with db.read() as conn:
+            (current,) = await storage.list_endpoints(conn)
+            rows = await storage.list_deliveries(conn, endpoint_pk=endpoint.pk, limit=10)
+        return current.cursor, [r.event_id for r in rows]
+
+    until = t0 + timedelta(seconds=10)
+    async with db.write() as conn:
+        await storage.take_leases(conn, owner="me", now=t0, until=until)
+        assert await storage.record_batches(conn, owner="me", outcomes=[outcome(42, "evt_1")]) == []
+    assert await stored() == (42, ["evt_1"])
+    async with db.write() as conn:  # another process takes the endpoint over
+        await storage.release_leases(conn, owner="me")
+        await storage.take_leases(conn, owner="other", now=t0, until=until)
+        lost = await storage.record_batches(conn, owner="me", outcomes=[outcome(50, "evt_2")])
+    assert lost == [endpoint.endpoint_id]
+    assert await stored() == (42, ["evt_1"])  # nothing of it stored: "other" sends from 42

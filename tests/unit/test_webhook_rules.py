@@ -145,3 +145,14 @@ def test_production_refuses_private_webhook_urls() -> None:
     assert Settings.from_env({"WEBHOOK_ALLOW_PRIVATE_URLS": "true"}).webhook_allow_private_urls
     with pytest.raises(SettingsError, match="must be true or false"):
         Settings.from_env({"WEBHOOK_ALLOW_PRIVATE_URLS": "maybe"})
+
+
+def test_who_delivers_and_the_worker_settings_are_checked() -> None:
+    assert Settings.from_env({}).webhook_delivery == "server"
+    assert Settings.from_env({"WEBHOOK_DELIVERY": "Worker"}).webhook_delivery == "worker"
+    with pytest.raises(SettingsError, match="WEBHOOK_DELIVERY must be server or worker"):
+        Settings.from_env({"WEBHOOK_DELIVERY": "both"})
+    with pytest.raises(SettingsError, match="WEBHOOK_WORKER_NICE must be between 0 and 19"):
+        Settings.from_env({"WEBHOOK_WORKER_NICE": "20"})
+    with pytest.raises(SettingsError, match="WEBHOOK_LEASE_SECONDS must be at least 1"):
+        Settings.from_env({"WEBHOOK_LEASE_SECONDS": "0.5"})
