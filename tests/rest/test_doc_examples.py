@@ -321,8 +321,9 @@ def _ran(returncode: int, stdout: str, stderr: str) -> Ran:
 @pytest.fixture(scope="module")
 def doc_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocRun]:
     tmp = tmp_path_factory.mktemp("doc-examples")
-    # As `make run` starts it: webhook URLs on the loopback are accepted.
-    for stack in start_stack(tmp, server_env={"WEBHOOK_ALLOW_PRIVATE_URLS": "true"}):
+    # As `make run` starts it: webhook URLs on the loopback are accepted, and a worker delivers.
+    env = {"WEBHOOK_ALLOW_PRIVATE_URLS": "true"}
+    for stack in start_stack(tmp, server_env=env, webhook_workers=1):
         yield DocRun(stack, tmp)
 
 
