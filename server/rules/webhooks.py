@@ -31,6 +31,9 @@ EVENT_TYPES = (DISPOSITION_CHANGED, CALL_PROCESSED)
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 MAX_URL = 2048
+# A partner's own endpoints, over all its tenants (as Stripe's 16 per account): each receives
+# every event of its tenant, so each one multiplies the deliveries. Operators are not limited.
+MAX_ENDPOINTS_PER_PARTNER = 16
 
 # Deliveries are retried for this long after the first attempt, then the event is marked failed
 # (kept for replay); an endpoint failing for as long is disabled.

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.models import (
     DispositionHistory,
+    Partner,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookOutbox,
@@ -188,6 +189,18 @@ async def list_endpoints(
     stmt = select(*_ENDPOINT_COLUMNS).order_by(WebhookEndpoint.id)
     rows = await conn.execute(_owned(stmt, partner_pk, tenant_id, sub_tenant_id))
     return [_endpoint(row) for row in rows]
+
+
+async def count_partner_endpoints(conn: AsyncConnection, *, partner_pk: int) -> int:
+    """How many endpoints the partner has; its row is locked first (PostgreSQL), so that two
+    creations at once count one after the other."""
+    await conn.execute(select(Partner.id).where(Partner.id == partner_pk).with_for_update())
+    count = await conn.scalar(
+        select(func.count())
+        .select_from(WebhookEndpoint)
+        .where(WebhookEndpoint.partner_pk == partner_pk)
+    )
+    return int(count or 0)
 
 
 async def set_enabled(

@@ -110,6 +110,12 @@ async def create_endpoint(
     chosen = await check_endpoint(url, events, allow_private=allow_private)
     secret = rules.new_secret()
     async with db.write() as conn:
+        if partner_pk is not None:
+            count = await storage.count_partner_endpoints(conn, partner_pk=partner_pk)
+            if count >= rules.MAX_ENDPOINTS_PER_PARTNER:
+                limit = rules.MAX_ENDPOINTS_PER_PARTNER
+                raise InvalidWebhook([("", f"a partner may have at most {limit} webhook "
+                                           "endpoints; delete one first")])  # fmt: skip
         cursors = await history.last_cursors(conn, tenant_ids=[tenant_id])
         endpoint = await storage.insert_endpoint(
             conn,

@@ -301,6 +301,23 @@ async def test_invalid_urls_and_event_types_are_refused_naming_the_fields(
     assert await listed(webhooks, partner) == []
 
 
+async def test_a_partner_has_at_most_16_endpoints(
+    webhooks: Any, partner: Credentials, receiver: Receiver
+) -> None:
+    made = [await create(webhooks, partner, f"{receiver.url}/{n}") for n in range(16)]
+    request = pb.CreateWebhookEndpointRequest(url=f"{receiver.url}/16")
+    error = await fail(webhooks.CreateWebhookEndpoint(request, metadata=partner.metadata()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(error) == [
+        ("", "a partner may have at most 16 webhook endpoints; delete one first")
+    ]
+    assert len(await listed(webhooks, partner)) == 16
+    await webhooks.DeleteWebhookEndpoint(
+        pb.DeleteWebhookEndpointRequest(endpoint_id=made[0].id), metadata=partner.metadata()
+    )
+    assert (await create(webhooks, partner, f"{receiver.url}/16")).url.endswith("/16")
+
+
 async def test_a_deliveries_listing_names_its_wrong_fields(
     webhooks: Any, partner: Credentials, receiver: Receiver
 ) -> None:
