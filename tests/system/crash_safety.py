@@ -10,7 +10,9 @@ The load: `--writers` threads send REST status updates through Envoy, each to cu
 own (so each customer's updates are sequential and their order is known), every status unique;
 one more thread ingests 20-call batches of new calls and customers. A killer sends SIGKILL at
 random moments (0.2-0.8 s apart, so writes are in flight) and restarts the process: the server on
-the same port, behind the same Envoy; or Envoy, on new ports, in front of the same server.
+the same port, behind the same Envoy, with the `disposition-webhooks` worker that delivers its
+webhooks (killed and restarted with it, as `make run` runs them); or Envoy, on new ports, in front
+of the same server.
 
 Every reply is one of three outcomes:
 - 200: acknowledged. Its status must be in the customer's history; its batch's calls all stored.
@@ -60,6 +62,7 @@ from typing import cast
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from devstack import Credentials, EnvoyPorts, ServerProcess, onboard_at, run_envoy
+from devstack.server import WEBHOOKS
 from tests.support.databases import PostgresSchemas, settings_for, sql
 from tests.support.payloads import batch_item
 from tests.support.webhooks import Received, Receiver, create_endpoint
@@ -74,8 +77,9 @@ WEBHOOK_ENV = {
     "WEBHOOK_ALLOW_PRIVATE_URLS": "true",  # the receiver listens on the loopback
     "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
     "WEBHOOK_TIMEOUT_SECONDS": "1",  # a killed process's retry claims last 2 x this + 10 s
+    "WEBHOOK_LEASE_SECONDS": "3",
 }
-# After the load, deliveries stall while a killed process's endpoint lease (10 s) and retry
+# After the load, deliveries stall while a killed process's endpoint lease (3 s) and retry
 # claims (12 s) expire; the check gives up once none has arrived for a minute past that.
 WEBHOOK_STALL_SECONDS = 12 + 60
 
@@ -293,10 +297,15 @@ def run(
     # A graceful restart as deployed: the server reports NOT_SERVING and keeps serving for
     # longer than Envoy's health-check interval (1 s) before it stops taking calls.
     drain = {"SHUTDOWN_DRAIN_SECONDS": "1.5"} if target == "server-term" else {}
-    server = ServerProcess(database_url, workdir / "server.log", **WEBHOOK_ENV, **drain)
+    # As `make run` starts them: the server, and a disposition-webhooks worker that delivers.
+    server = ServerProcess(
+        database_url, workdir / "server.log", **WEBHOOK_ENV, WEBHOOK_DELIVERY="worker", **drain
+    )
+    worker = ServerProcess(database_url, workdir / "webhooks.log", argv=WEBHOOKS, **WEBHOOK_ENV)
     receiver = Receiver().start()
     try:
         port = server.start()
+        worker.start()
         if engine == "sqlite":
             assert settings_for(database_url).sqlite_path() is not None
         server.env["GRPC_PORT"] = str(port)  # restarts come back behind the same Envoy
@@ -317,12 +326,12 @@ def run(
                 rng = random.Random(os.getpid())
                 for _ in range(kills):
                     time.sleep(rng.uniform(0.2, 0.8))
-                    if target == "server":
-                        server.stop(sig=signal.SIGKILL)
+                    if target in ("server", "server-term"):  # server-term: a graceful restart
+                        sig = signal.SIGKILL if target == "server" else signal.SIGTERM
+                        for process in (worker, server):
+                            process.stop(sig=sig)
                         server.start()
-                    elif target == "server-term":  # a graceful restart
-                        server.stop(sig=signal.SIGTERM)
-                        server.start()
+                        worker.start()
                     else:
                         gateway.port = envoy.kill_and_restart().http_port
                     report.kills += 1
@@ -344,8 +353,9 @@ def run(
             envoy.close()
     finally:
         receiver.stop()
-        if server.process is not None and server.process.poll() is None:
-            server.stop()
+        for process in (worker, server):
+            if process.process is not None and process.process.poll() is None:
+                process.stop()
         if schemas is not None:
             schemas.drop_all()
     return report
