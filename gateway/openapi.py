@@ -72,6 +72,61 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
 
 # Replies of these statuses say how long to wait (whole seconds).
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+# Replies of these statuses never follow authentication: no rate-limit headers.
+UNAUTHENTICATED_STATUSES = frozenset({403, 405})
+
+_RATE_LIMIT_NOTE = (
+    " On every reply to a request that passed authentication (IETF httpapi ratelimit "
+    "headers, draft 7), for the partner's window of 60 seconds."
+)
+# components.headers: the response headers, referred to by each response.
+RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
+    "RequestId": {
+        "description": "The request's id (the `x-request-id` sent, or one made up), as logged",
+        "schema": {"type": "string"},
+    },
+    "RateLimitLimit": {
+        "description": "The partner's requests per window." + _RATE_LIMIT_NOTE,
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    "RateLimitRemaining": {
+        "description": "The requests left in the current window." + _RATE_LIMIT_NOTE,
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "RateLimitReset": {
+        "description": "Seconds until the current window ends and the count starts over."
+        + _RATE_LIMIT_NOTE,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 60},
+    },
+    "RateLimitPolicy": {
+        "description": "The limit and its window, e.g. `120;w=60`." + _RATE_LIMIT_NOTE,
+        "schema": {"type": "string", "pattern": "^[0-9]+;w=60$"},
+    },
+    "RetryAfter": {
+        "description": "Whole seconds to wait before sending again",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def response_headers(status: int) -> dict[str, Any]:
+    """The headers a reply of `status` may carry (references to components.headers)."""
+    names = ["RequestId"]
+    if status not in UNAUTHENTICATED_STATUSES:
+        names += ["RateLimitLimit", "RateLimitRemaining", "RateLimitReset", "RateLimitPolicy"]
+    if status in RETRY_AFTER_STATUSES:
+        names.append("RetryAfter")
+    return {_HEADER_NAMES[name]: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+_HEADER_NAMES = {
+    "RequestId": "x-request-id",
+    "RateLimitLimit": "RateLimit-Limit",
+    "RateLimitRemaining": "RateLimit-Remaining",
+    "RateLimitReset": "RateLimit-Reset",
+    "RateLimitPolicy": "RateLimit-Policy",
+    "RetryAfter": "Retry-After",
+}
 
 
 def error_responses() -> dict[str, dict[str, Any]]:
@@ -87,12 +142,11 @@ def error_responses() -> dict[str, dict[str, Any]]:
             f"- `{cls.default_message}` ({cls.reason}): {' '.join((cls.__doc__ or '').split())}"
             for cls in classes
         )
-        headers = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}
         schema = "ValidationError" if status == errors.ValidationFailed.http_status else "Error"
         responses[str(status)] = {
             "description": f"{classes[0].default_message}. The envelope's message is one of:\n"
             + causes,
-            **({"headers": headers} if status in RETRY_AFTER_STATUSES else {}),
+            "headers": response_headers(status),
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
     return responses
@@ -192,8 +246,13 @@ class _Builder:
     def success(self, method: descriptor_pb2.MethodDescriptorProto) -> dict[str, Any]:
         """The 200 reply: the response message, or a stream of them as Server-Sent Events."""
         reply = self.ref(method.output_type)
+        headers = response_headers(200)
         if not method.server_streaming:
-            return {"description": "Success", "content": {"application/json": {"schema": reply}}}
+            return {
+                "description": "Success",
+                "headers": headers,
+                "content": {"application/json": {"schema": reply}},
+            }
         event = {
             "type": "object",
             "required": ["data"],
@@ -209,6 +268,7 @@ class _Builder:
         return {
             "description": "A stream of Server-Sent Events that does not end: one event per "
             "reply, a `data:` line holding the reply's JSON",
+            "headers": headers,
             "content": {"text/event-stream": {"schema": event}},
         }
 
@@ -346,6 +406,7 @@ def build(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
                 },
             },
             "responses": builder.error_responses,
+            "headers": RESPONSE_HEADERS,
         },
     }
 

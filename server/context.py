@@ -21,6 +21,9 @@ class RequestContext:
     partner_id: str | None = None
     tenant_id: str | None = None
     sub_tenant_id: str | None = None
+    rate_limit: int | None = None  # the partner's requests per window, once authenticated
+    # Initial metadata (HTTP headers) for a successful unary reply, sent by the interceptor.
+    reply_headers: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -41,6 +41,7 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Metadata: TypeAlias = tuple[tuple[str, str], ...]
 Rpc: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 Behavior: TypeAlias = Callable[[Any, "Rpc"], Awaitable[Any]]
@@ -152,8 +153,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
                 raise
             except Exception as exc:
-                await _fail(ctx, rpc, exc, metrics)
-            _succeed(ctx, rpc, metrics)
+                await _fail(ctx, rpc, exc, metrics, self._quota(ctx))
+            quota = self._quota(ctx)
+            # The reply's HTTP headers through Envoy are its initial metadata (a unary reply's
+            # trailing metadata does not reach REST clients): the quota goes in both.
+            await rpc.send_initial_metadata((*ctx.reply_headers, *quota))
+            _succeed(ctx, rpc, metrics, quota)
             return response
 
         return wrapper
@@ -167,7 +172,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await self._admit(ctx, request)
                 # aclosing: the handler's stream ends (its finally blocks run) with this one.
                 async with contextlib.aclosing(behavior(request, rpc)) as responses:
+                    started = False
                     async for response in responses:
+                        if not started:
+                            # A stream's HTTP headers (SSE) are its initial metadata: they carry
+                            # the quota too. Sent with the first message, so that a refusal
+                            # before it is still a whole error reply.
+                            started = True
+                            await rpc.send_initial_metadata(self._quota(ctx))
                         yield response
             except (asyncio.CancelledError, GeneratorExit):
                 # The client went away (a watcher disconnecting): cancelled while the handler
@@ -175,10 +187,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _log_rpc(ctx, "Cancelled", grpc.StatusCode.CANCELLED, metrics)
                 raise
             except Exception as exc:
-                await _fail(ctx, rpc, exc, metrics)
-            _succeed(ctx, rpc, metrics)
+                await _fail(ctx, rpc, exc, metrics, self._quota(ctx))
+            _succeed(ctx, rpc, metrics, ())
 
         return wrapper
+
+    def _quota(self, ctx: RequestContext) -> Metadata:
+        """The rate-limit headers of an authenticated call's reply (IETF httpapi ratelimit
+        headers, draft 7: limit, remaining and seconds to the reset of the current window, and
+        the policy), from the limiter's memory; none before authentication."""
+        if ctx.rate_limit is None or ctx.partner_id is None:
+            return ()
+        quota = self.limiter.quota(ctx.partner_id, ctx.rate_limit)
+        return (
+            ("ratelimit-limit", str(quota.limit)),
+            ("ratelimit-remaining", str(quota.remaining)),
+            ("ratelimit-reset", str(quota.reset_seconds)),
+            ("ratelimit-policy", f"{quota.limit};w={quota.window_seconds}"),
+        )
 
     async def _admit(self, ctx: RequestContext, request: Any) -> None:
         """The request must be a message, then the gates, in order; each raises what refuses
@@ -201,6 +227,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         )  # fmt: skip
         ctx.partner_pk = principal.partner_pk
         ctx.partner_id = principal.partner_id
+        # Rate limit, per partner: its own limit if set, else the default, per 60-second window.
+        # Known from here on: every later reply carries the quota.
+        ctx.rate_limit = principal.rate_limit_per_minute or self.default_per_minute
         # Tenant: both tenant headers are required, and the partner must be granted them.
         for name in ("x-tenant-id", "x-sub-tenant-id"):
             if name in ctx.conflicting_headers:
@@ -217,9 +246,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         elif not granted:
             raise Forbidden()
         ctx.tenant_id, ctx.sub_tenant_id = tenant_id, sub_tenant_id
-        # Rate limit, per partner: its own limit if set, else the default, per 60-second window.
-        limit = principal.rate_limit_per_minute or self.default_per_minute
-        retry_after = await self.limiter.hit(principal.partner_id, limit)
+        retry_after = await self.limiter.hit(principal.partner_id, ctx.rate_limit)
         if retry_after is not None:
             if self.metrics is not None:
                 self.metrics.rate_limited.labels(principal.partner_id).inc()
@@ -252,7 +279,9 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics | None) -> NoReturn:
+async def _fail(
+    ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics | None, quota: Metadata
+) -> NoReturn:
     """End the RPC with the status of a ServiceError; anything else is logged and INTERNAL."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
@@ -266,14 +295,15 @@ async def _fail(ctx: RequestContext, rpc: Rpc, exc: Exception, metrics: Metrics 
         error.message,
         trailing_metadata=(
             ("x-request-id", ctx.request_id),
+            *quota,
             ("grpc-status-details-bin", error.to_status().SerializeToString()),
         ),
     )
 
 
-def _succeed(ctx: RequestContext, rpc: Rpc, metrics: Metrics | None) -> None:
+def _succeed(ctx: RequestContext, rpc: Rpc, metrics: Metrics | None, quota: Metadata) -> None:
     _log_rpc(ctx, "OK", grpc.StatusCode.OK, metrics)
-    rpc.set_trailing_metadata((("x-request-id", ctx.request_id),))
+    rpc.set_trailing_metadata((("x-request-id", ctx.request_id), *quota))
 
 
 def _log_rpc(

@@ -93,7 +93,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
             ],
             idempotency_key=_idempotency_key(),
         )
-        await _mark_replay(context, result)
+        _mark_replay(result)
         outcome = result.value
         reply = disposition_pb2.BatchUpdateDispositionStatusResponse(
             success=True,
@@ -222,7 +222,7 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
             items=[_batch_item(item) for item in request.data],
             idempotency_key=_idempotency_key(),
         )
-        await _mark_replay(context, result)
+        _mark_replay(result)
         outcome = result.value
         reply = ingestion_pb2.IngestBatchCallsResponse(
             success=True,
@@ -249,12 +249,11 @@ def _idempotency_key() -> str | None:
     return request_context.get().headers.get(idempotency.HEADER)
 
 
-async def _mark_replay(
-    context: grpc.aio.ServicerContext[Any, Any], result: idempotency.Result[Any]
-) -> None:
-    """A stored reply carries `idempotent-replayed: true` (initial metadata: an HTTP header)."""
+def _mark_replay(result: idempotency.Result[Any]) -> None:
+    """A stored reply carries `idempotent-replayed: true` (initial metadata: an HTTP header,
+    sent by the interceptor with the reply)."""
     if result.replayed:
-        await context.send_initial_metadata(((idempotency.REPLAYED_HEADER, "true"),))
+        request_context.get().reply_headers.append((idempotency.REPLAYED_HEADER, "true"))
 
 
 def _batch_item(item: ingestion_pb2.BatchCallItem) -> ingestion.BatchItem:

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as redis
@@ -17,9 +18,23 @@ from redis.exceptions import RedisError
 log = logging.getLogger("disposition.ratelimit")
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Where a key stands in the current window, as this limiter knows it now (no round trip):
+    the requests `remaining` under `limit`, and the whole seconds until the window resets."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+    window_seconds: int
+
+
 class RateLimiter(Protocol):
     async def hit(self, key: str, limit: int) -> int | None:
         """Count one request; None if allowed, else the whole seconds until it would be."""
+
+    def quota(self, key: str, limit: int) -> Quota:
+        """The key's standing now, from what this limiter holds in memory."""
 
     async def close(self) -> None:
         """Release connections (called once, when the server stops)."""
@@ -47,8 +62,21 @@ class InProcessRateLimiter:
         window_end = (window + 1) * self.window_seconds
         return max(1, math.ceil(window_end - now))
 
+    def quota(self, key: str, limit: int) -> Quota:
+        now = self._clock()
+        window = int(now // self.window_seconds)
+        used = self._counts.get(key, 0) if window == self._window else 0
+        return _quota(
+            limit, limit - used, (window + 1) * self.window_seconds - now, self.window_seconds
+        )
+
     async def close(self) -> None:
         pass
+
+
+def _quota(limit: int, remaining: int, seconds_left: float, window_seconds: int) -> Quota:
+    reset = min(window_seconds, max(1, math.ceil(seconds_left)))
+    return Quota(limit, max(0, min(limit, remaining)), reset, window_seconds)
 
 
 # One round trip, atomic: take up to ARGV[2] requests of the window's count without passing the
@@ -218,6 +246,20 @@ class RedisRateLimiter:
             return _LEASED
         lease.full_at = limit
         return max(1, math.ceil(int(ttl_ms) / 1000))
+
+    def quota(self, key: str, limit: int) -> Quota:
+        """From this replica's lease: the window's shared count at its last grant (every
+        replica's requests, this one's unused grants included, which are still this replica's
+        to allow). A replica that has not asked Redis in this window yet knows of no use."""
+        now = self._clock()
+        window = int(now // self.window_seconds)
+        lease = self._leases.get(key)
+        seconds_left = (window + 1) * self.window_seconds - now
+        if lease is None or lease.window != window:
+            return _quota(limit, limit, seconds_left, self.window_seconds)
+        if limit <= lease.full_at:
+            return _quota(limit, 0, seconds_left, self.window_seconds)
+        return _quota(limit, limit - lease.taken + lease.left, seconds_left, self.window_seconds)
 
     def _drop_old_leases(self, window: int) -> None:
         if len(self._leases) > 1000:

@@ -19,6 +19,7 @@ from disposition.v1 import disposition_service_pb2 as disposition_pb2
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
+from server.runtime.ratelimit import Quota
 from tests.support.databases import settings_for
 from tests.support.grpc_calls import details, fail, ingest, trailing, update_request
 
@@ -36,6 +37,9 @@ class RecordingLimiter:
     async def hit(self, key: str, limit: int) -> int | None:
         self.hits.append((key, limit))
         return None if self.hits.count((key, limit)) <= limit else 42
+
+    def quota(self, key: str, limit: int) -> Quota:
+        return Quota(limit, max(0, limit - self.hits.count((key, limit))), 42, 60)
 
     async def close(self) -> None:
         pass
@@ -116,6 +120,58 @@ async def test_the_rate_limit_is_the_last_gate(
         "Sub-Tenant ID is required",
     )
     assert limiter.hits == [("limited", 1), ("limited", 1)]  # its own limit
+
+
+async def quota_trailers(error_or_call: Any) -> dict[str, str | None]:
+    names = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy")
+    return {name: await trailing(error_or_call, name) for name in names}
+
+
+async def test_replies_after_authentication_carry_the_quota(
+    gated: tuple[Any, RecordingLimiter], db: Database
+) -> None:
+    """(Successful replies too: tests/rest/test_rest_contract.py, through Envoy.)"""
+    stub, _ = gated
+    limited = await onboard(db, "limited", rate_limit_per_minute=2)
+    quota = {"ratelimit-limit": "2", "ratelimit-reset": "42", "ratelimit-policy": "2;w=60"}
+    for remaining in ("1", "0"):  # a refusal by the use case (404) counts like a success
+        error = await fail(stub.UpdateDispositionStatus(update_request("nobody", "x"),
+                                                        metadata=limited.metadata()))  # fmt: skip
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert await quota_trailers(error) == quota | {"ratelimit-remaining": remaining}
+    error = await fail(stub.UpdateDispositionStatus(update_request("nobody", "x"),
+                                                    metadata=limited.metadata()))  # fmt: skip
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await quota_trailers(error) == quota | {"ratelimit-remaining": "0"}
+    # Authenticated, refused before the limit (not counted): the quota as it stands.
+    no_sub_tenant = limited.metadata(x_sub_tenant_id=None)
+    error = await fail(stub.UpdateDispositionStatus(update_request("nobody", "x"),
+                                                    metadata=no_sub_tenant))  # fmt: skip
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await quota_trailers(error))["ratelimit-limit"] == "2"
+    # Not authenticated: no quota to tell.
+    wrong_secret = limited.metadata(x_api_secret="ds_wrong")
+    error = await fail(stub.UpdateDispositionStatus(update_request("nobody", "x"),
+                                                    metadata=wrong_secret))  # fmt: skip
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert set((await quota_trailers(error)).values()) == {None}
+
+
+async def test_a_successful_call_carries_the_quota_as_initial_and_trailing_metadata(
+    dispositions: Any, ingestion: Any, partner: Credentials
+) -> None:
+    await ingest(ingestion, partner, "q1")
+    call = dispositions.UpdateDispositionStatus(
+        update_request("q1", "interested"), metadata=partner.metadata()
+    )
+    await call
+    trailers = await quota_trailers(call)
+    initial = dict(await call.initial_metadata())
+    assert {name: initial.get(name) for name in trailers} == trailers
+    assert (trailers["ratelimit-limit"], trailers["ratelimit-policy"]) == ("120", "120;w=60")
+    # The ingestion, then this call (119: a window began between them).
+    assert trailers["ratelimit-remaining"] in ("118", "119")
+    assert 1 <= int(trailers["ratelimit-reset"] or "0") <= 60
 
 
 async def test_undecodable_request_bytes_are_refused_before_authentication(

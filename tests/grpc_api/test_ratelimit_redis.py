@@ -20,7 +20,7 @@ from disposition.v1 import call_ingestion_service_pb2_grpc as ingestion_grpc
 from disposition.v1 import disposition_service_pb2_grpc as disposition_grpc
 from server.app import App
 from server.db import Database
-from server.runtime.ratelimit import RedisRateLimiter
+from server.runtime.ratelimit import Quota, RedisRateLimiter
 from tests.support.databases import settings_for
 from tests.support.grpc_calls import details, ingest, update_request
 
@@ -71,6 +71,25 @@ async def test_fixed_window_like_the_in_process_limiter(prefix: str) -> None:
         assert [await limits.hit("r", 1) for _ in range(2)] == [None, 1]
     finally:
         await limits.close()
+
+
+@requires_redis
+async def test_the_quota_comes_from_the_lease_without_a_round_trip(prefix: str) -> None:
+    now = [1_800_000_000 + 23.2]  # 36.8 s before the window ends
+    one, other = limiter(prefix, clock=lambda: now[0]), limiter(prefix, clock=lambda: now[0])
+    key = f"{prefix}ratelimit:p:{1_800_000_000 // 60}"
+    try:
+        assert one.quota("p", 10) == Quota(10, 10, 37, 60)  # nothing asked of Redis yet
+        assert await other.hit("p", 10) is None  # another replica's request
+        assert await one.hit("p", 10) is None
+        granted = int(await one.client.get(key))  # both replicas' leases, as Redis counts them
+        unused = one._leases["p"].left  # this replica's, still its own to allow
+        one._script = None  # type: ignore[assignment]  # a round trip now would fail
+        assert one.quota("p", 10) == Quota(10, 10 - granted + unused, 37, 60)
+        assert granted - unused >= 2  # the other replica's request is counted
+    finally:
+        await one.close()
+        await other.close()
 
 
 @requires_redis

@@ -18,7 +18,7 @@ from server.records import Disposition
 from server.usecases import catalogs, partners
 from tests.support.databases import run, settings_for
 from tests.support.grpc_calls import batch_request, violations
-from tests.support.http_client import assert_rest_reply, call
+from tests.support.http_client import Reply, assert_rest_reply, call
 from tests.support.payloads import batch_item
 from tests.support.rest import BATCH, UPDATE, Stack, start_stack
 
@@ -130,6 +130,38 @@ def test_rate_limit_exceeded(stack: Stack) -> None:
         reply, 429, b'{"success":false,"message":"Rate limit exceeded. Try again in 60 seconds."}'
     )
     assert 1 <= int(reply.header("retry-after") or "0") <= 60
+
+
+def quota_headers(reply: Reply) -> dict[str, str | None]:
+    names = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy")
+    return {name: reply.header(name) for name in names}
+
+
+def test_authenticated_replies_carry_the_rate_limit_headers(stack: Stack) -> None:
+    limited = stack.onboard("quota", rate_limit_per_minute=3)
+    assert stack.ingest(limited, batch_item("q-call", "q-customer")).status == 200
+    replies = [
+        stack.put({"customer_id": "q-customer", "disposition_status": "interested"}, limited),
+        stack.put({"customer_id": ""}, limited),  # 422
+        stack.put({"customer_id": "q-customer"}, limited),  # 429
+    ]
+    assert [reply.status for reply in replies] == [200, 422, 429]
+    remaining = []
+    for reply in replies:
+        quota = quota_headers(reply)
+        assert (quota["ratelimit-limit"], quota["ratelimit-policy"]) == ("3", "3;w=60")
+        assert 1 <= int(quota["ratelimit-reset"] or "0") <= 60
+        remaining.append(quota["ratelimit-remaining"])
+    assert remaining == ["1", "0", "0"]  # the ingestion took the first of the 3
+    # Both count down to the window's end (read a moment apart: at most a second between).
+    retry_after, reset = replies[2].header("retry-after"), replies[2].header("ratelimit-reset")
+    assert abs(int(retry_after or "0") - int(reset or "0")) <= 1
+    # Before authentication (a wrong secret) and outside the API (an unknown path): none.
+    wrong = stack.put({"customer_id": "q-customer"}, limited, x_api_secret="ds_wrong")
+    unknown = stack.request("GET", "/api/v1/partner/nowhere", None, limited)
+    assert [wrong.status, unknown.status] == [403, 404]
+    for reply in (wrong, unknown):
+        assert set(quota_headers(reply).values()) == {None}
 
 
 def test_omitted_null_empty_and_repeated_status(stack: Stack) -> None:

@@ -161,6 +161,9 @@ def test_changes_arrive_as_server_sent_events_in_commit_order(stack: Stack) -> N
         assert feed.header("content-length") is None
         assert feed.header("transfer-encoding") == "chunked"
         assert feed.header("x-request-id")
+        assert (feed.header("ratelimit-limit"), feed.header("ratelimit-policy")) == (
+            "120", "120;w=60")  # fmt: skip
+        assert 0 <= int(feed.header("ratelimit-remaining") or "-1") < 120
         leaked = {name.lower() for name, _ in feed.response.getheaders()} & GRPC_HEADERS
         assert not leaked
         start = feed.start()

@@ -17,7 +17,7 @@ from server.errors import (
 )
 from server.rules import validation
 from server.rules.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
-from server.runtime.ratelimit import InProcessRateLimiter
+from server.runtime.ratelimit import InProcessRateLimiter, Quota
 from server.settings import Settings, SettingsError
 from server.usecases.dispositions import validate_update
 
@@ -110,6 +110,24 @@ async def test_rate_limiter_fixed_window() -> None:
     assert await limiter.hit("q", 2) is None  # per partner
     now[0] = 180.0
     assert await limiter.hit("p", 2) is None  # a new window
+
+
+async def test_rate_limiter_quota_is_what_is_left_of_the_window() -> None:
+    now = [120.0]
+    limiter = InProcessRateLimiter(clock=lambda: now[0])
+    assert limiter.quota("p", 3) == Quota(limit=3, remaining=3, reset_seconds=60, window_seconds=60)
+    await limiter.hit("p", 3)
+    now[0] = 143.2
+    assert limiter.quota("p", 3) == Quota(3, 2, 37, 60)  # 36.8 s left, rounded up
+    for _ in range(3):
+        await limiter.hit("p", 3)
+    assert limiter.quota("p", 3) == Quota(3, 0, 37, 60)  # refused requests leave it at 0
+    assert limiter.quota("q", 3).remaining == 3  # per partner
+    assert limiter.quota("p", 10).remaining == 6  # a raised limit counts at once
+    now[0] = 179.9
+    assert limiter.quota("p", 3).reset_seconds == 1  # never 0 while the window lasts
+    now[0] = 180.0
+    assert limiter.quota("p", 3) == Quota(3, 3, 60, 60)  # a new window
 
 
 def test_secrets_are_random_hashed_and_compared() -> None:
