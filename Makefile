@@ -77,7 +77,7 @@ migrate: install ## Upgrade the database named by DATABASE_URL to the current sc
 	$(BIN)/disposition-admin migrate
 
 .PHONY: test
-test: install ## Set up everything and run the whole test suite (unit, grpc_api, rest, system)
+test: install debian-tools ## Set up everything and run the whole test suite (unit, grpc_api, rest, system)
 	$(BIN)/pytest
 
 .PHONY: test-fast
@@ -85,11 +85,23 @@ test-fast: install ## The unit layer only (tests/unit: no server, no Envoy), in 
 	$(BIN)/pytest -q tests/unit
 
 .PHONY: lint
-lint: install $(BUF) ## ruff, mypy (strict: server/, gateway/, devstack/, test support) and buf lint
+lint: install debian-tools $(BUF) ## ruff, mypy (strict: server/, gateway/, devstack/, test support), luacheck, buf lint
 	$(BIN)/ruff check server gateway devstack tests
 	$(BIN)/ruff format --check server gateway devstack tests
 	$(BIN)/mypy
+	luacheck --no-color gateway/envelope.lua $(BUILD)/envelope.lua
 	$(BUF) lint
+
+# Tools the tests and lint use from Debian's packages (root and apt needed); without them the
+# tests that need them skip, saying so, and `make lint` fails.
+DEBIAN_TOOLS := luacheck:lua-check
+.PHONY: debian-tools
+debian-tools:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do command -v $${pair%%:*} >/dev/null || \
+	  missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing from Debian's packages"; \
+	  { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; } || \
+	  echo "could not install$$missing: the tests that need them will skip"; fi
 
 .PHONY: breaking
 breaking: install $(BUF) ## buf breaking against a git ref (AGAINST=main by default)
