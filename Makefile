@@ -94,7 +94,7 @@ lint: install debian-tools $(BUF) ## ruff, mypy (strict: server/, gateway/, devs
 
 # Tools the tests and lint use from Debian's packages (root and apt needed); without them the
 # tests that need them skip, saying so, and `make lint` fails.
-DEBIAN_TOOLS := luacheck:lua-check
+DEBIAN_TOOLS := luacheck:lua-check promtool:prometheus
 .PHONY: debian-tools
 debian-tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do command -v $${pair%%:*} >/dev/null || \
