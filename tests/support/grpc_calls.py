@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy import select
 
 from devstack import Credentials
@@ -58,22 +59,22 @@ def call_id_for(creds: Credentials, customer_id: str) -> str:
 
 
 def details(error: grpc.aio.AioRpcError) -> dict[str, Any]:
-    """The google.rpc details of a failed call, keyed by type name."""
+    """The google.rpc details of a failed call, keyed by type name, decoded the way a client
+    would: grpcio-status's `rpc_status.from_call`, which also checks that the rich status
+    agrees with the call's own code and message (ValueError if not)."""
     found: dict[str, Any] = {}
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                for kind in (
-                    error_details_pb2.ErrorInfo,
-                    error_details_pb2.BadRequest,
-                    error_details_pb2.RetryInfo,
-                    error_details_pb2.ResourceInfo,
-                ):
-                    if detail.Is(kind.DESCRIPTOR):
-                        message = kind()
-                        detail.Unpack(message)
-                        found[kind.DESCRIPTOR.name] = message
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # an AioRpcError is a Call
+    for detail in status.details if status is not None else ():
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.ResourceInfo,
+        ):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found[kind.DESCRIPTOR.name] = message
     return found
 
 
