@@ -416,6 +416,8 @@ def test_control_characters_are_refused_with_422(secured: Secured, value: str) -
 
 
 def test_a_client_that_never_finishes_its_headers_gets_a_408_envelope(secured: Secured) -> None:
+    if not secured.database_url.startswith("sqlite"):
+        pytest.skip("Envoy answers before any server or database is involved: once is enough")
     # envoy.yaml: request_headers_timeout 10 s; the socket's 30 s is the deadline.
     timeouts = _envoy_counter(secured, "downstream_rq_header_timeout")
     started = time.monotonic()
