@@ -98,7 +98,7 @@ class Settings:
     # at most every 2 s): after a crash, another process takes its endpoints over this late.
     webhook_lease_seconds: float = 10.0
     # disposition-webhooks lowers its CPU priority by this much (0-19; 0: not at all), so that
-    # on a shared host the API's requests come before deliveries, which catch up when idle.
+    # a host short of CPU gives it to the API's requests first.
     webhook_worker_nice: int = 10
 
     @classmethod

@@ -1,12 +1,15 @@
 """`disposition-webhooks`: delivers webhooks, in a process of its own, until SIGINT or SIGTERM.
 
 With `WEBHOOK_DELIVERY=worker` on the servers, only these processes deliver: deliveries then
-take no CPU from the API's event loop (each costs about as much as half an update), and with
-`WEBHOOK_WORKER_NICE` (default 10) a host shared with the API serves requests first, the
-deliveries catching up when it is idle. Any number may run, on the servers' database: they
-share the endpoints by lease (runtime/webhooks.py), as the servers would. It reads the same
-settings as `disposition-server`; it serves no API, only `METRICS_PORT` when set (the webhook
-metrics), and logs "serving" (with `"role": "webhooks"`) when it delivers.
+take no CPU from the API's event loop (each costs about as much as half an update). It lowers
+its own CPU priority (`WEBHOOK_WORKER_NICE`, default 10), so that a host short of CPU serves the
+API's requests first; that does not make deliveries free on a host they share (the bench's
+webhooks suite, docs/benchmarks.md), where the worker belongs on cores of its own.
+
+Any number may run, on the servers' database: they share the endpoints by lease
+(runtime/webhooks.py), as the servers would. It reads the same settings as
+`disposition-server`; it serves no API, only `METRICS_PORT` when set (the webhook metrics), and
+logs "serving" (with `"role": "webhooks"`) when it delivers.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def main() -> None:
     except SchemaOutdated as exc:
         print(f"disposition-webhooks: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except OSError as exc:  # METRICS_PORT taken
+    except OSError as exc:  # METRICS_PORT taken, or the database unreachable
         print(f"disposition-webhooks: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

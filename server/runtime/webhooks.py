@@ -12,10 +12,10 @@ a rolled-back one never does. Each endpoint keeps the cursor of the last change 
   change feed: at once for this process's commits, by LISTEN/NOTIFY for other replicas' on
   PostgreSQL) and sends them in cursor order with up to `max_in_flight` at once. The outcomes of
   every follower of the process are stored, and their cursors moved, in one transaction at most
-  every `RECORD_SECONDS` (on SQLite every write takes the one writer the API's updates need: one
-  store per endpoint per batch cut the update throughput with 3 endpoints to a third). A crash
-  before that store sends them again (at least once: receivers deduplicate on `webhook-id`); a
-  stop stores them first.
+  every `RECORD_SECONDS` (on SQLite every write takes the one writer the API's updates need, and
+  a store per endpoint per batch held it about 15 ms, dozens of times a second). A crash before
+  that store sends them again (at least once: receivers deduplicate on `webhook-id`); a stop
+  stores them first.
 - Retries: a failed attempt (non-2xx, timeout, connection error, refused address) is stored as
   pending with its next attempt due after an exponential, jittered delay; any process claims due
   deliveries. After the retry window (3 days) the delivery is marked failed (kept for replay),
