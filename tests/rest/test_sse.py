@@ -262,6 +262,8 @@ def test_a_heartbeat_arrives_on_an_idle_stream(stack: Stack) -> None:
 
 
 def test_a_heartbeating_stream_outlives_the_idle_and_request_timeouts(stack: Stack) -> None:
+    if stack.db_path is None:
+        pytest.skip("Envoy's timeouts and the hub's heartbeats do not depend on the engine")
     # The scaled timeouts are in force: a request whose body never comes is cut by them.
     stalled = http.client.HTTPConnection(
         "127.0.0.1", stack.envoy.http_port, timeout=READ_TIMEOUT_SECONDS
