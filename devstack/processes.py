@@ -5,16 +5,30 @@ from __future__ import annotations
 import ctypes
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Loaded here, in the launcher, not in the child: between fork and exec the child of a
+# multi-threaded launcher (gRPC's threads, asyncio's executor) must not dlopen, since another
+# thread may have held the loader's or malloc's lock at the fork. (In a CI run a restarted
+# server died with SIGSEGV before logging anything, just after gRPC warned in the test process
+# that other threads were calling into gRPC at the fork: tests/system/test_feed_restart.py.)
+_PRCTL = _load_prctl()
+PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
     """In a child before exec (Linux): get SIGTERM if the launching process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process(
