@@ -29,7 +29,7 @@ from typing import Any
 from devstack.credentials import Credentials
 from devstack.envoy import EnvoyStartError
 from devstack.ports import PortTaken, check_free
-from devstack.server import REPO, ServerStartError
+from devstack.server import REPO, ServerProcess, ServerStartError
 from devstack.stack import start_stack
 from gateway.envoy_config import DEFAULT_HTTP_HOST
 from server.db import Database, SchemaOutdated
@@ -279,32 +279,27 @@ def serve(
         seeded = seed_demo_customer(stack.http_port, creds)["data"]["items"][0]["status"]
         print(f"Demo customer {DEMO_CUSTOMER}: call {seeded}.", flush=True)
         print(_banner(stack.http_port, grpc_target, creds, topology, credentials_file), flush=True)
-        running = set(range(len(stack.servers)))
-        delivering = set(range(len(stack.workers)))
+        running, delivering = list(stack.servers), list(stack.workers)
         while not stop["signal"] and running:
-            for index in sorted(running):
-                process = stack.servers[index].process
-                if process is not None and process.poll() is not None:
-                    running.discard(index)
-                    print(
-                        f"disposition-server on :{stack.servers[index].port} exited with "
-                        f"{process.returncode}",
-                        flush=True,
-                    )
-            for index in sorted(delivering):
-                process = stack.workers[index].process
-                if process is not None and process.poll() is not None:
-                    delivering.discard(index)
-                    print(
-                        f"disposition-webhooks exited with {process.returncode}: webhooks are "
-                        "not delivered until it runs again",
-                        flush=True,
-                    )
+            for server, code in _exited(running):
+                print(f"disposition-server on :{server.port} exited with {code}", flush=True)
+            for _, code in _exited(delivering):
+                print(f"disposition-webhooks exited with {code}: webhooks are not delivered "
+                      "until it runs again", flush=True)  # fmt: skip
             time.sleep(0.2)
         print("Stopping: draining Envoy, then the gRPC servers...", flush=True)
         _drain_envoy(stack.envoy.admin_port)
     codes = [server.process.returncode for server in stack.servers if server.process is not None]
     return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
+
+
+def _exited(watched: list[ServerProcess]) -> list[tuple[ServerProcess, int]]:
+    """The processes of `watched` that have exited since the last look, with their exit codes
+    (taken out of `watched`)."""
+    gone = [(p, code) for p in watched if p.process and (code := p.process.poll()) is not None]
+    for process, _ in gone:
+        watched.remove(process)
+    return gone
 
 
 def _drain_envoy(admin_port: int) -> None:

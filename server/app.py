@@ -111,17 +111,17 @@ class App:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        # With WEBHOOK_DELIVERY=worker, disposition-webhooks processes deliver instead.
-        self.webhooks = webhook_dispatcher(settings, db, self.feed, self.metrics)
-        self.delivers = settings.webhook_delivery == "server"
+        # None with WEBHOOK_DELIVERY=worker: disposition-webhooks processes deliver instead.
+        self.webhooks: WebhookDispatcher | None = None
+        if settings.webhook_delivery == "server":
+            webhooks = self.webhooks = webhook_dispatcher(settings, db, self.feed, self.metrics)
+            self.metrics.watch_webhook_backlog(lambda: webhooks.backlog)
         self.metrics.watch_state(db, lambda: self.feed.watcher_count)
-        if self.delivers:
-            self.metrics.watch_webhook_backlog(lambda: self.webhooks.backlog)
         self.port = 0
         self.metrics_port: int | None = None
 
     def _endpoint_changed(self) -> None:
-        if self.delivers:
+        if self.webhooks is not None:
             self.webhooks.wake()
 
     def _build_limiter(self) -> RateLimiter:
@@ -159,7 +159,7 @@ class App:
         await self.server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.delivers:
+        if self.webhooks is not None:
             self.webhooks.start()
         return self.port
 
@@ -168,7 +168,7 @@ class App:
         here meanwhile), then stop accepting, let in-flight RPCs finish within the grace and
         close the pools."""
         await self.health.enter_graceful_shutdown()
-        if self.delivers:
+        if self.webhooks is not None:
             await self.webhooks.close()  # before the feed: its followers are feed watchers
         await self.feed.close()  # watchers get UNAVAILABLE at once and resume on another replica
         if self.settings.shutdown_drain_seconds > 0:

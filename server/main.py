@@ -8,6 +8,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from server.app import App, PortUnavailable
 from server.db import Database, SchemaOutdated
@@ -57,11 +59,7 @@ async def serve(settings: Settings) -> None:
             "metrics_port": app.metrics_port,
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     lifecycle.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await app.stop()
     lifecycle.info("stopped")
@@ -96,18 +94,40 @@ def _redacted(url: str) -> str:
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
-def main() -> None:
+async def until_stopped() -> None:
+    """Return at the process's SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_command(
+    command: str,
+    run: Callable[[Settings], Coroutine[Any, Any, None]],
+    refusals: tuple[type[Exception], ...],
+    prepare: Callable[[Settings], None] = lambda _settings: None,
+) -> None:
+    """A process's life: settings from the environment, JSON logs, `prepare`, then `run` until
+    it returns. Bad settings, or one of `refusals` from `run`, are one line on stderr naming
+    `command`, and exit code 2."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        print(f"disposition-server: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    prepare(settings)
     try:
-        asyncio.run(serve(settings))
-    except (SchemaOutdated, PortUnavailable) as exc:
-        print(f"disposition-server: {exc}", file=sys.stderr)
+        asyncio.run(run(settings))
+    except refusals as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    run_command("disposition-server", serve, (SchemaOutdated, PortUnavailable))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import sys
 
 from server.app import webhook_dispatcher
 from server.db import Database, SchemaOutdated
-from server.main import configure_logging, lifecycle
+from server.main import lifecycle, run_command, until_stopped
 from server.metrics import Metrics
 from server.runtime.feed import FeedHub
-from server.settings import Settings, SettingsError
+from server.settings import Settings
 
 
 async def run(settings: Settings) -> None:
@@ -48,11 +46,7 @@ async def run(settings: Settings) -> None:
             extra={"role": "webhooks", "port": 0, "metrics_port": metrics_port,
                    "nice": os.nice(0)},
         )  # fmt: skip
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         lifecycle.info("draining", extra={"role": "webhooks"})
         await dispatcher.close()  # stores what was sent, hands the endpoints back
         await feed.close()
@@ -63,23 +57,14 @@ async def run(settings: Settings) -> None:
         await db.dispose()
 
 
-def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"disposition-webhooks: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+def _lower_priority(settings: Settings) -> None:
     if settings.webhook_worker_nice:
         os.nice(settings.webhook_worker_nice)
-    try:
-        asyncio.run(run(settings))
-    except SchemaOutdated as exc:
-        print(f"disposition-webhooks: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as exc:  # METRICS_PORT taken, or the database unreachable
-        print(f"disposition-webhooks: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+
+def main() -> None:
+    # OSError: METRICS_PORT taken, or the database unreachable.
+    run_command("disposition-webhooks", run, (SchemaOutdated, OSError), _lower_priority)
 
 
 if __name__ == "__main__":

@@ -5,26 +5,19 @@ metric they name is one the service exports."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.support.tools import DebianTool
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "ops" / "prometheus"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool is not installed (Debian's prometheus package: `make test` installs it)",
-)
+PROMTOOL = DebianTool("promtool", "prometheus")
+needs_promtool = PROMTOOL.installed
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *args], cwd=RULES, capture_output=True, text=True, timeout=120, check=False
-    )
+def promtool(*args: str, cwd: Path = RULES) -> subprocess.CompletedProcess[str]:
+    return PROMTOOL.run(*args, cwd=cwd)
 
 
 @needs_promtool
@@ -43,11 +36,7 @@ def test_a_rule_that_does_not_fire_as_expected_fails(tmp_path: Path) -> None:
     assert rules.count("> 0.01\n") == 1
     (tmp_path / "alerts.yml").write_text(rules.replace("> 0.01\n", "> 0.5\n"))
     (tmp_path / "alerts_test.yml").write_text((RULES / "alerts_test.yml").read_text())
-    assert PROMTOOL is not None
-    tested = subprocess.run(
-        [PROMTOOL, "test", "rules", "alerts_test.yml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    tested = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert tested.returncode != 0
     assert "DispositionHighErrorRate" in tested.stdout + tested.stderr
 

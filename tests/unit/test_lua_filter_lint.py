@@ -4,26 +4,18 @@ build/envelope.lua that Envoy runs (rendered by `make gen`)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.support.tools import DebianTool
 
 REPO = Path(__file__).resolve().parents[2]
-LUACHECK = shutil.which("luacheck")
-pytestmark = pytest.mark.skipif(
-    LUACHECK is None,
-    reason="luacheck is not installed (Debian's lua-check: `make test` installs it)",
-)
+LUACHECK = DebianTool("luacheck", "lua-check")
+pytestmark = LUACHECK.installed
 
 
 def luacheck(*paths: Path) -> subprocess.CompletedProcess[str]:
-    assert LUACHECK is not None
-    return subprocess.run(
-        [LUACHECK, "--no-color", "--formatter", "plain", *map(str, paths)],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    return LUACHECK.run("--no-color", "--formatter", "plain", *map(str, paths), cwd=REPO)
 
 
 def test_the_filter_and_its_rendered_copy_are_clean() -> None:
