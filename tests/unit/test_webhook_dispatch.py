@@ -21,8 +21,11 @@ WINDOW = timedelta(days=3)
 
 
 class Clock:
+    """Starts at the real time: what the use cases stamp with the real clock (a replay's due
+    time) must not be in this clock's future or past by days."""
+
     def __init__(self) -> None:
-        self.now = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+        self.now = datetime.now(UTC).replace(microsecond=0)
 
     def __call__(self) -> datetime:
         return self.now
