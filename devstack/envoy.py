@@ -85,10 +85,14 @@ def run_envoy(
     descriptor_path: str | os.PathLike[str] = DEFAULT_DESCRIPTOR,
     log_path: str | os.PathLike[str] | None = None,
     startup_timeout: float = 20.0,
+    otlp_endpoint: str | None = None,
+    trace_sampling_percent: float = 100.0,
 ) -> Iterator[EnvoyPorts]:
     """Render the config, start Envoy, wait for /ready, yield its ports; always stop it.
 
     `grpc_port` may list several upstream ports: one cluster endpoint (server replica) each.
+    With `otlp_endpoint`, Envoy traces (gateway/envoy_config.py), sampling new traces at
+    `trace_sampling_percent`.
     """
     with tempfile.TemporaryDirectory(prefix="envoy-") as tmp:
         workdir = Path(tmp)
@@ -98,6 +102,8 @@ def run_envoy(
             grpc_port=grpc_port,
             admin_port=admin_port,
             descriptor_path=descriptor_path,
+            otlp_endpoint=otlp_endpoint,
+            trace_sampling_percent=trace_sampling_percent,
             out_path=workdir / "envoy.yaml",
         )
         admin_address_file = workdir / "admin-address"

@@ -9,22 +9,26 @@ With `webhook_workers`, one `disposition-webhooks` process per entry delivers th
 WEBHOOK_DELIVERY=worker.
 
 Servers start side by side and are each ready by their own "serving" line (devstack/server.py);
-Envoy is ready by its own admin address file and /ready (devstack/envoy.py). Stopping runs in
+Envoy is ready by its own admin address file and /ready (devstack/envoy.py), and traces when the
+servers do (the same OTEL_* variables: docs/operations.md#tracing). Stopping runs in
 the reverse order: Envoy first, so no new request reaches a stopping server, then every server
 at once, each draining its in-flight RPCs.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from devstack.envoy import EnvoyPorts, run_envoy
 from devstack.processes import stop_processes
 from devstack.server import SERVER, WEBHOOKS, ServerProcess, ServerStartError
 from gateway.envoy_config import DEFAULT_HTTP_HOST
+from server.settings import otlp_traces_endpoint, trace_sampler
 
 
 @dataclass
@@ -115,9 +119,20 @@ def start_stack(
                 http_port=http_port,
                 admin_port=admin_port,
                 log_path=None if workdir is None else workdir / "envoy.log",
+                **envoy_tracing({**os.environ, **(server_env or {})}),
             )
         )
         yield Stack(database_url, servers, envoy, workers)
+
+
+def envoy_tracing(env: Mapping[str, str]) -> dict[str, Any]:
+    """run_envoy's tracing arguments for servers with the environment `env`: the same collector,
+    and their share of new traces (Envoy starts the traces of REST requests)."""
+    endpoint = otlp_traces_endpoint(env)
+    if endpoint is None:
+        return {}
+    ratio, _follows_parent = trace_sampler(env)  # Envoy always follows a traceparent's flag
+    return {"otlp_endpoint": endpoint, "trace_sampling_percent": ratio * 100}
 
 
 __all__ = ["ServerStartError", "Stack", "start_stack"]

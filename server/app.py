@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +37,9 @@ from server.runtime.webhooks import WebhookDispatcher
 from server.servicers import CallIngestionService, DispositionService
 from server.settings import Settings
 from server.webhook_servicer import WebhookService
+
+if TYPE_CHECKING:
+    from server.tracing import Tracing
 
 SERVICE_NAMES = (
     disposition_pb2.DESCRIPTOR.services_by_name["DispositionService"].full_name,
@@ -77,15 +81,23 @@ class App:
             if settings.access_cache_seconds > 0
             else None
         )
+        # None with tracing off (no OTLP endpoint): the tracing code is not even loaded then.
+        self.tracing = tracing_for(settings)
         self.interceptor = ServiceInterceptor(
             db,
             cache=self.access_cache,
             limiter=self.limiter,
             default_per_minute=settings.rate_limit_per_minute,
             metrics=self.metrics,
+            trace_ids=None if self.tracing is None else self.tracing.trace_id,
         )
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.interceptor]
+        if self.tracing is not None:
+            # The server span first: the gates, the handler and the log line run inside it.
+            interceptors.insert(0, self.tracing.interceptor())
+            self.tracing.instrument(db)
         self.server = grpc.aio.server(
-            interceptors=[self.interceptor],
+            interceptors=interceptors,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -181,6 +193,17 @@ class App:
         # After the drain, so the last RPCs can be scraped meanwhile; shutdown() blocks (polls).
         await asyncio.to_thread(self.metrics.stop)
         await self.db.dispose()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports the last spans
+
+
+def tracing_for(settings: Settings) -> Tracing | None:
+    """The server's tracing (server/tracing.py), None when it is off."""
+    if settings.otlp_traces_endpoint is None:
+        return None
+    from server.tracing import Tracing  # imported only when on
+
+    return Tracing(settings)
 
 
 def webhook_dispatcher(

@@ -25,6 +25,7 @@ class RequestContext:
     # Initial metadata (HTTP headers) for a successful unary reply, sent by the interceptor.
     reply_headers: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    trace_id: str | None = None  # the request's trace, when tracing is on (logged with it)
 
 
 current: ContextVar[RequestContext] = ContextVar("disposition_request")

@@ -101,12 +101,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         limiter: RateLimiter,
         default_per_minute: int,
         metrics: Metrics | None = None,
+        trace_ids: Callable[[], str | None] | None = None,
     ) -> None:
         self.db = db
         self.cache = cache
         self.limiter = limiter
         self.default_per_minute = default_per_minute
         self.metrics = metrics
+        # With tracing on: the current trace's id, read once the server span has started (the
+        # tracing interceptor runs before this one), for the request's log line.
+        self.trace_ids = trace_ids
         # The wrapped handler of each method, made on its first call (only for methods that
         # exist: unknown names are not kept).
         self._wrapped: dict[str, Handler] = {}
@@ -142,10 +146,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _unary(self, behavior: Behavior) -> Behavior:
-        metrics = self.metrics
+        metrics, trace_ids = self.metrics, self.trace_ids
 
         async def wrapper(request: Any, rpc: Rpc) -> Any:
             ctx = context.get()
+            if trace_ids is not None:
+                ctx.trace_id = trace_ids()
             try:
                 await self._admit(ctx, request)
                 response = await behavior(request, rpc)
@@ -164,10 +170,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior: StreamBehavior) -> StreamBehavior:
-        metrics = self.metrics
+        metrics, trace_ids = self.metrics, self.trace_ids
 
         async def wrapper(request: Any, rpc: Rpc) -> AsyncGenerator[Any, None]:
             ctx = context.get()
+            if trace_ids is not None:
+                ctx.trace_id = trace_ids()
             try:
                 await self._admit(ctx, request)
                 # aclosing: the handler's stream ends (its finally blocks run) with this one.
@@ -287,7 +295,7 @@ async def _fail(
         raise exc
     error = exc if isinstance(exc, ServiceError) else ServiceError()
     if error is not exc:
-        log.exception("unhandled error", extra={"request_id": ctx.request_id})
+        log.exception("unhandled error", extra={"request_id": ctx.request_id, **_trace_of(ctx)})
     code = _STATUS_CODES[error.code]
     _log_rpc(ctx, type(error).__name__, code, metrics)
     await rpc.abort(
@@ -325,5 +333,11 @@ def _log_rpc(
                 "outcome": outcome,
                 "code": code.name,
                 "duration_ms": round(seconds * 1000, 3),
+                **_trace_of(ctx),
             },
         )
+
+
+def _trace_of(ctx: RequestContext) -> dict[str, str]:
+    """The log fields that name the request's trace (none with tracing off)."""
+    return {} if ctx.trace_id is None else {"trace_id": ctx.trace_id}

@@ -8,6 +8,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 
@@ -100,10 +101,23 @@ class Settings:
     # disposition-webhooks lowers its CPU priority by this much (0-19; 0: not at all), so that
     # a host short of CPU gives it to the API's requests first.
     webhook_worker_nice: int = 10
+    # Tracing with OpenTelemetry (server/tracing.py): where spans go, OTLP over gRPC (None: off,
+    # and the tracing code is not even imported; see otlp_traces_endpoint), and the service.name
+    # of the server's spans. The SDK reads the other OTEL_* variables itself (sampler, headers,
+    # timeouts, batching, resource attributes).
+    otlp_traces_endpoint: str | None = None
+    service_name: str = "disposition-server"
+    # OTEL_TRACES_SAMPLER (and _ARG): the share of new traces that are sampled, and whether a
+    # span with a parent follows the parent's decision instead (parentbased_*, the default).
+    trace_sampling_ratio: float = 1.0
+    trace_follows_parent: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        endpoint = otlp_traces_endpoint(env)
+        # The sampler is read only when tracing is on.
+        sampling_ratio, follows_parent = (1.0, True) if endpoint is None else trace_sampler(env)
         settings = cls(
             database_url=env.get("DATABASE_URL") or default_database_url(),
             database_pool_size=_int(env, "DATABASE_POOL_SIZE", 10, minimum=2),
@@ -141,6 +155,10 @@ class Settings:
             webhook_delivery=env.get("WEBHOOK_DELIVERY", "server").strip().lower(),
             webhook_lease_seconds=_float(env, "WEBHOOK_LEASE_SECONDS", 10.0, minimum=1.0),
             webhook_worker_nice=_int(env, "WEBHOOK_WORKER_NICE", 10, minimum=0),
+            otlp_traces_endpoint=endpoint,
+            service_name=env.get("OTEL_SERVICE_NAME") or "disposition-server",
+            trace_sampling_ratio=sampling_ratio,
+            trace_follows_parent=follows_parent,
         )
         settings.check()
         return settings
@@ -205,6 +223,70 @@ class Settings:
             return None
         path = self.database_url.split(":///", 1)[1]
         return None if path in ("", ":memory:") else Path(path)
+
+
+def otlp_traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """The collector that spans go to, from the standard OTEL_* variables; None: tracing is off.
+
+    On only when an endpoint is set (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    OTEL_EXPORTER_OTLP_ENDPOINT: http://host:port, or https:// for TLS), unless
+    OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none. OTLP over gRPC is the one exporter:
+    another OTEL_TRACES_EXPORTER or OTLP protocol is refused.
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    if exporter == "none":
+        return None
+    if exporter != "otlp":
+        raise SettingsError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {exporter!r}")
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or ""
+    ).strip()
+    if not endpoint:
+        return None
+    name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    if not env.get(name):
+        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = env.get(name, "").strip().lower() or "grpc"
+    if protocol != "grpc":
+        raise SettingsError(f"{name} must be grpc (OTLP over gRPC), got {protocol!r}")
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingsError(
+            f"the OTLP endpoint must be http://host:port or https://host:port, got {endpoint!r}"
+        )
+    return endpoint
+
+
+# OTEL_TRACES_SAMPLER's values: (the share of new traces sampled, None: OTEL_TRACES_SAMPLER_ARG's;
+# whether a parent's decision is followed).
+SAMPLERS: dict[str, tuple[float | None, bool]] = {
+    "always_on": (1.0, False),
+    "always_off": (0.0, False),
+    "traceidratio": (None, False),
+    "parentbased_always_on": (1.0, True),
+    "parentbased_always_off": (0.0, True),
+    "parentbased_traceidratio": (None, True),
+}
+
+
+def trace_sampler(env: Mapping[str, str]) -> tuple[float, bool]:
+    """(the share of new traces sampled, whether a parent's decision is followed) from
+    OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (a ratio between 0 and 1, 1 by default)."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in SAMPLERS:
+        raise SettingsError(
+            f"OTEL_TRACES_SAMPLER must be one of {', '.join(SAMPLERS)}, got {name!r}"
+        )
+    ratio, follows_parent = SAMPLERS[name]
+    if ratio is None:
+        ratio = _float(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, minimum=0.0)
+        if ratio > 1:
+            raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG must be at most 1, got {ratio}")
+    return ratio, follows_parent
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:

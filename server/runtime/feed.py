@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -187,7 +188,11 @@ class FeedHub:
         if self._listener is not None:
             self._listener.start()
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll(), name="feed-poller")
+            # In a context of its own: the poller serves every watcher, not the request of the
+            # first one (nor its trace).
+            self._poller = asyncio.create_task(
+                self._poll(), name="feed-poller", context=contextvars.Context()
+            )
 
     async def _poll(self) -> None:
         failing = False

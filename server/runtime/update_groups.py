@@ -15,6 +15,10 @@ process turns into more updates per second and shorter queues (like PostgreSQL's
 with commit_siblings). An update that finds nothing in flight starts a group at once, so a
 lightly loaded server adds no wait.
 
+A group's unit runs in the context (contextvars) of its first update's request, whatever
+started it (a request, or the commit of the group before): its statements belong to that
+request (its trace, with tracing on) and to no other.
+
 Durability is unchanged: nobody is answered before the commit that holds their change. An
 update that is wrong on its own (unknown customer, status outside the catalog) fails alone and
 the rest of its group applies; when the unit itself fails, every update in the group gets that
@@ -24,6 +28,7 @@ error and none is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -42,10 +47,11 @@ Outcome = bool | Exception  # True: changed, False: unchanged, else what failed 
 
 
 class PendingUpdate:
-    """One update waiting for its group's commit; `done` gets True if the status changed."""
+    """One update waiting for its group's commit; `done` gets True if the status changed.
+    `context`: its request's (contextvars), in which a group it opens runs."""
 
-    __slots__ = ("customer_id", "done", "new_status", "partner_pk", "request_id", "scope",
-                 "source")  # fmt: skip
+    __slots__ = ("context", "customer_id", "done", "new_status", "partner_pk", "request_id",
+                 "scope", "source")  # fmt: skip
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class PendingUpdate:
         source: str,
         done: asyncio.Future[bool],
     ) -> None:
+        self.context = contextvars.copy_context()  # made in its request's task
         self.scope = scope
         self.customer_id = customer_id
         self.new_status = new_status
@@ -140,7 +147,7 @@ class UpdateGroups:
             self._in_flight += 1
             self.groups_run += 1
             self.updates_run += len(group)
-            task = asyncio.create_task(self._apply(group, customers))
+            task = asyncio.create_task(self._apply(group, customers), context=group[0].context)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import Callable
@@ -51,7 +52,10 @@ class CursorListener:
 
     def start(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="feed-listener")
+            # In a context of its own, not the request's that started it (nor its trace).
+            self._task = asyncio.create_task(
+                self._run(), name="feed-listener", context=contextvars.Context()
+            )
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -15,6 +15,7 @@ the very Core statement that storage.catalogs runs); the PostgreSQL engine write
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import sqlite3
 import threading
@@ -59,19 +60,28 @@ class SqliteWriter:
     One thread of its own takes transactions from a queue, one after the other, and hands each
     result back to the event loop that asked for it (`call_soon_threadsafe`): the one thread
     hand-off of each transaction, cheaper than an executor's (no Future and Condition per job).
+    Each transaction runs in a copy of its caller's context (contextvars), as
+    `asyncio.to_thread` would run it: what the caller's request set (its trace) holds there too.
     """
 
     def __init__(self, path: Path, *, synchronous: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
+        # The connection's class, set before the first transaction (tracing: a traced one).
+        self.connection_class: type[sqlite3.Connection] = sqlite3.Connection
         self._jobs: queue.SimpleQueue[_Job | None] | None = None  # the thread's, once started
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                factory=self.connection_class,
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
@@ -93,9 +103,12 @@ class SqliteWriter:
 
     def _run(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         while (job := jobs.get()) is not None:
-            work, future, loop = job
+            work, context, future, loop = job
             try:
-                outcome: tuple[Any, BaseException | None] = (self._transaction(work), None)
+                outcome: tuple[Any, BaseException | None] = (
+                    context.run(self._transaction, work),
+                    None,
+                )
             except BaseException as exc:  # handed to the waiting coroutine, raised there
                 outcome = (None, exc)
             try:
@@ -117,7 +130,7 @@ class SqliteWriter:
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((work, future, loop))
+        self._jobs.put((work, contextvars.copy_context(), future, loop))
         return await future
 
     async def close(self) -> None:
@@ -131,7 +144,12 @@ class SqliteWriter:
         await asyncio.to_thread(thread.join)
 
 
-_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Job = tuple[
+    Callable[[sqlite3.Connection], Any],
+    contextvars.Context,
+    "asyncio.Future[Any]",
+    asyncio.AbstractEventLoop,
+]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

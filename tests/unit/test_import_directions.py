@@ -40,6 +40,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
         "server.interceptors",
         "server.context",
         "server.metrics",
+        "server.tracing",
     ),
     "admin": ("server.admin",),
     "package": ("server",),  # server/__init__.py
@@ -83,6 +84,7 @@ OWNED: list[tuple[str, set[str]]] = [
     ("alembic", {"storage"}),
     ("asyncpg", {"storage", "devstack"}),
     ("prometheus_client", {"transport"}),
+    ("opentelemetry", {"transport"}),  # tracing: server/tracing.py, loaded only when it is on
     ("redis", {"runtime", "devstack"}),
 ]
 

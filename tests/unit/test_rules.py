@@ -184,6 +184,43 @@ def test_settings_for_redis_and_metrics() -> None:
             Settings.from_env(env)
 
 
+def test_settings_for_tracing() -> None:
+    """On only with an OTLP endpoint, unless OTEL_SDK_DISABLED or OTEL_TRACES_EXPORTER=none."""
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    off = Settings.from_env({})
+    assert (off.otlp_traces_endpoint, off.service_name) == (None, "disposition-server")
+    assert Settings.from_env(endpoint).otlp_traces_endpoint == "http://collector:4317"
+    traces_only = {**endpoint, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces:443"}
+    assert Settings.from_env(traces_only).otlp_traces_endpoint == "https://traces:443"
+    for env in (
+        {**endpoint, "OTEL_SDK_DISABLED": "true"},
+        {**endpoint, "OTEL_TRACES_EXPORTER": "none"},
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "x"},  # no endpoint
+        {"OTEL_TRACES_SAMPLER": "xray"},  # the sampler is not even read with tracing off
+    ):
+        assert Settings.from_env(env).otlp_traces_endpoint is None, env
+    on = Settings.from_env({**endpoint, "OTEL_SERVICE_NAME": "api-eu"})
+    assert (on.service_name, on.trace_sampling_ratio, on.trace_follows_parent) == (
+        "api-eu",
+        1.0,
+        True,
+    )
+    ratio = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    sampled = Settings.from_env({**endpoint, **ratio})
+    assert (sampled.trace_sampling_ratio, sampled.trace_follows_parent) == (0.25, False)
+    never = Settings.from_env({**endpoint, "OTEL_TRACES_SAMPLER": "parentbased_always_off"})
+    assert (never.trace_sampling_ratio, never.trace_follows_parent) == (0.0, True)
+    for env, message in (
+        ({"OTEL_TRACES_EXPORTER": "console"}, "OTEL_TRACES_EXPORTER must be otlp or none"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "OTEL_EXPORTER_OTLP_PROTOCOL must be"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "must be http://host:port"),
+        ({"OTEL_TRACES_SAMPLER": "xray"}, "OTEL_TRACES_SAMPLER must be one of"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, "at most 1"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env({**endpoint, **env})
+
+
 def test_errors_declare_codes_and_details() -> None:
     status = ValidationFailed([("customer_id", "customer_id should not be empty")]).to_status()
     assert (status.code, status.message) == (code_pb2.INVALID_ARGUMENT, "Validation failed")

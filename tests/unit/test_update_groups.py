@@ -5,6 +5,7 @@ server: tests/grpc_api/test_update_groups.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 from server.runtime import update_groups
@@ -86,3 +87,38 @@ async def test_without_a_linger_the_next_group_starts_at_once() -> None:
     db.units.release.set()
     assert all(await asyncio.wait_for(asyncio.gather(*first, *queued), timeout=30))
     assert db.units.sizes == [1, 3]
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request")
+
+
+class _ContextUnits(_GatedUnits):
+    """Also records the request (context variable) each unit runs for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str | None] = []
+
+    async def run(self, reads: Any, decide: Any) -> list[bool]:
+        self.requests.append(REQUEST.get(None))
+        return await super().run(reads, decide)
+
+
+async def test_a_group_runs_in_the_context_of_its_first_update() -> None:
+    """Also when the commit of the group before starts it: its statements belong to that
+    request (its trace, with tracing on), not to the one that happened to commit last."""
+    db = _Db(linger_seconds=0)
+    db.units = units = _ContextUnits()
+    groups = update_groups.UpdateGroups(db)  # type: ignore[arg-type]
+
+    async def request(customer: str) -> bool:
+        REQUEST.set(f"request-{customer}")
+        return await groups.submit(groups.update(("t", "s"), customer, "x", 1, customer, "test"))
+
+    first = asyncio.create_task(request("a"))
+    await _settle()
+    queued = [asyncio.create_task(request(c)) for c in ("b", "c")]
+    await _settle()
+    units.release.set()  # a's group commits; its end starts the next group (b and c)
+    assert all(await asyncio.wait_for(asyncio.gather(first, *queued), timeout=30))
+    assert (units.sizes, units.requests) == ([1, 2], ["request-a", "request-b"])
