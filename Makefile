@@ -55,11 +55,27 @@ $(BUILD)/openapi.json: $(GEN)/.generated gateway/openapi.py server/errors.py
 	$(PY) -m gateway.openapi --descriptor $(DESCRIPTOR) --out $@
 
 # Envoy's Lua filter with the error vocabulary of server/errors.py rendered in.
-$(BUILD)/envelope.lua: $(STAMP) gateway/envelope.lua gateway/vocabulary.py server/errors.py
+$(BUILD)/envelope.lua: $(GEN)/.generated gateway/envelope.lua gateway/vocabulary.py server/errors.py
 	$(PY) -m gateway.vocabulary --out $@
 
+# The docs page (GET /docs): Swagger UI (npm, pinned) with our page and initializer, in build/docs/
+# (the files envoy.yaml serves; gateway/envoy_config.py's DOCS_FILES).
+SWAGGER_UI_VERSION := 5.36.0
+SWAGGER_UI := $(BUILD)/node/node_modules/swagger-ui-dist
+DOCS := $(BUILD)/docs
+
+$(BUILD)/node/swagger-ui-dist@$(SWAGGER_UI_VERSION):
+	npm install --silent --no-audit --no-fund --save-exact --prefix $(BUILD)/node swagger-ui-dist@$(SWAGGER_UI_VERSION)
+	touch $@
+
+$(DOCS)/.built: $(BUILD)/node/swagger-ui-dist@$(SWAGGER_UI_VERSION) $(wildcard gateway/docs_page/*)
+	rm -rf $(DOCS) && mkdir -p $(DOCS)
+	cp gateway/docs_page/index.html gateway/docs_page/swagger-initializer.js $(DOCS)/
+	cp $(SWAGGER_UI)/swagger-ui-bundle.js $(SWAGGER_UI)/swagger-ui.css $(SWAGGER_UI)/favicon-32x32.png $(DOCS)/
+	touch $@
+
 .PHONY: gen
-gen: $(GEN)/.generated $(BUILD)/openapi.json $(BUILD)/envelope.lua ## Generate code, Envoy's descriptor set, build/openapi.json and the Lua filter
+gen: $(GEN)/.generated $(BUILD)/openapi.json $(BUILD)/envelope.lua $(DOCS)/.built ## Generate code, Envoy's descriptor set, build/openapi.json, the Lua filter and the docs page
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix $(BUILD)/node @bufbuild/buf@1.75.0
@@ -94,7 +110,7 @@ lint: install debian-tools $(BUF) ## ruff, mypy (strict: server/, gateway/, devs
 
 # Tools the tests and lint use from Debian's packages (root and apt needed); without them the
 # tests that need them skip, saying so, and `make lint` fails.
-DEBIAN_TOOLS := luacheck:lua-check promtool:prometheus
+DEBIAN_TOOLS := luacheck:lua-check promtool:prometheus chromium:chromium
 .PHONY: debian-tools
 debian-tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do command -v $${pair%%:*} >/dev/null || \

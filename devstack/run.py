@@ -165,6 +165,7 @@ def _banner(
     return f"""
 Disposition service is up (Ctrl-C stops it).
   REST (Envoy):  http://127.0.0.1:{http_port}
+  Docs page:     http://127.0.0.1:{http_port}/docs  (Swagger UI; Authorize with the demo key)
 {topology}
   Demo partner {DEMO_PARTNER}, tenant {DEMO_TENANT}/{DEMO_SUB_TENANT}, customer {DEMO_CUSTOMER}
   Credentials: {_shown(credentials_file)} (created on the first run, mode 0600)

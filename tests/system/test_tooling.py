@@ -226,6 +226,12 @@ def test_make_run_launcher_serves_the_printed_curl_and_stops_cleanly(tmp_path: P
                 shlex.split(grpc_line), cwd=tmp_path, capture_output=True, text=True, timeout=30
             )
             assert json.loads(via_grpc.stdout) == {"success": True}
+            docs = next(line.split()[2] for line in lines if line.startswith("  Docs page:"))
+            with urllib.request.urlopen(docs, timeout=10) as page:
+                assert (page.status, page.headers["content-type"]) == (
+                    200,
+                    "text/html; charset=utf-8",
+                )
             expected = "created" if attempt == 0 else "duplicate"
             assert f"Demo customer customer123: call {expected}." in lines
         finally:
