@@ -35,10 +35,11 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP) gen ## Create .venv and install the service and its tools
 
-$(DEPS)/.copied: $(STAMP)
+$(DEPS)/.copied: $(STAMP) Makefile
 	mkdir -p $(DEPS)/google/api $(DEPS)/google/rpc
 	site=$$($(PY) -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))'); \
-	cp $$site/google/api/annotations.proto $$site/google/api/http.proto $(DEPS)/google/api/; \
+	cp $$site/google/api/annotations.proto $$site/google/api/http.proto \
+	  $$site/google/api/field_behavior.proto $(DEPS)/google/api/; \
 	cp $$site/google/rpc/status.proto $$site/google/rpc/error_details.proto $(DEPS)/google/rpc/
 	touch $@
 
@@ -141,8 +142,9 @@ crash-test: install ## SIGKILL the server and Envoy under writes (20 times each,
 	$(PY) -m tests.system.crash_safety $(CRASH_ARGS)
 
 .PHONY: fuzz
-fuzz: install ## Fuzz every REST operation from the OpenAPI document (400 requests each; FUZZ_EXAMPLES)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} $(BIN)/pytest -p no:cacheprovider -s tests/rest/test_fuzz.py
+fuzz: install ## Fuzz every REST operation from the OpenAPI document (400 requests each; FUZZ_EXAMPLES), then schemathesis --checks all
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-400} FUZZ_ALL_EXAMPLES=$${FUZZ_ALL_EXAMPLES:-100} \
+	  FUZZ_SEED=$${FUZZ_SEED:-$$RANDOM} $(BIN)/pytest -p no:cacheprovider -s tests/rest/test_fuzz.py tests/rest/test_schemathesis.py
 
 .PHONY: clean
 clean: ## Remove generated code and build tools (keeps .venv and var/)

@@ -30,6 +30,7 @@ local HTTP_STATUS_FOR_REASON = {} -- ErrorInfo reason -> HTTP status
 local MESSAGE_FOR_STATUS = {} -- HTTP status -> the envelope's message when a reply has none
 local INVALID_JSON_BODY = nil -- the transcoder could not read the body
 local VALIDATION_FAILED = nil -- a field of the wrong type
+local REPEATED_FIELDS = {} -- path of names ("data.custom_fields") -> true: the requests' lists
 -- @vocabulary-end
 
 -- A gRPC status without our ErrorInfo (grpc's own: a cancelled call, its concurrent-call
@@ -333,6 +334,104 @@ local function drop_unforwardable(headers)
   for _, name in ipairs(unforwardable) do headers:remove(name) end
 end
 
+-- A scanner of a JSON request body, fed chunk by chunk, for what the transcoder would misread in
+-- one of the requests' lists (REPEATED_FIELDS): a value that is not a list (read as a list of
+-- that one item), and a list or a null inside one (an inner list's items read as the outer's
+-- own, a null dropped): `{"events":"call.processed"}`, `{"events":[["call.processed"],null]}`.
+-- It returns the field's path and what is wrong, or nil. Members under other names (unknown,
+-- ignored) are not looked into; strings are skipped whole; anything malformed is left to the
+-- transcoder. State across chunk ends: `stack` of open containers, each { array = true, known,
+-- index } or { key, want_key }; `in_string`, `escaped`; `key_parts` of a key being read;
+-- `pending`: the next value must be a list ("list") or must not be a list or null ("item").
+local function list_scanner()
+  local stack, in_string, escaped, key_parts, pending = {}, false, false, nil, nil
+  local function path()
+    local parts = {}
+    for _, level in ipairs(stack) do
+      if level.array then
+        parts[#parts + 1] = "[" .. level.index .. "]"
+      elseif level.key ~= nil then
+        parts[#parts + 1] = (#parts > 0 and "." or "") .. level.key
+      end
+    end
+    return table.concat(parts)
+  end
+  local function names()  -- the path of names of the value being read, without indices
+    local parts = {}
+    for _, level in ipairs(stack) do
+      if not level.array then parts[#parts + 1] = level.key or "" end
+    end
+    return table.concat(parts, ".")
+  end
+  return function(chunk)
+    local pos, n = 1, #chunk
+    while pos <= n do
+      if in_string then
+        local j = string.find(chunk, escaped and "." or '["\\]', pos)
+        if j == nil then
+          if key_parts ~= nil then key_parts[#key_parts + 1] = string.sub(chunk, pos) end
+          return nil
+        end
+        local c = string.sub(chunk, j, j)
+        if escaped then
+          escaped = false
+        elseif c == "\\" then
+          escaped = true
+        else
+          in_string = false
+          if key_parts ~= nil then
+            key_parts[#key_parts + 1] = string.sub(chunk, pos, j - 1)
+            stack[#stack].key, key_parts = table.concat(key_parts), nil
+          end
+        end
+        if in_string and key_parts ~= nil then key_parts[#key_parts + 1] = string.sub(chunk, pos, j) end
+        pos = j + 1
+      elseif pending ~= nil then
+        local k = string.find(chunk, "[^ \t\r\n]", pos)
+        if k == nil then return nil end
+        local c = string.sub(chunk, k, k)
+        local is_list_or_null = c == "[" or c == "n"
+        if pending == "list" and not is_list_or_null then return path(), "must be a list" end
+        if pending == "item" and is_list_or_null then return path(), "must not be a list or null" end
+        pending, pos = nil, k
+        if c == "[" then  -- the list of a known field
+          stack[#stack + 1] = { array = true, known = true, index = 0 }
+          pending, pos = "item", k + 1
+        end
+      else
+        local i = string.find(chunk, '[%[%]{},":]', pos)
+        if i == nil then return nil end
+        local c, top = string.sub(chunk, i, i), stack[#stack]
+        if c == '"' then
+          in_string = true
+          if top ~= nil and not top.array and top.want_key then
+            top.want_key, key_parts = false, {}
+          end
+        elseif c == ":" then
+          if top ~= nil and not top.array and REPEATED_FIELDS[names()] == true then
+            pending = "list"
+          end
+        elseif c == "[" then
+          stack[#stack + 1] = { array = true, known = false, index = 0 }
+        elseif c == "{" then
+          stack[#stack + 1] = { want_key = true }
+        elseif c == "]" or c == "}" then
+          stack[#stack] = nil
+        elseif top ~= nil then -- ","
+          if top.array then
+            top.index = top.index + 1
+            if top.known then pending = "item" end
+          else
+            top.want_key = true
+          end
+        end
+        pos = i + 1
+      end
+    end
+    return nil
+  end
+end
+
 function envoy_on_request(handle)
   local content_type = handle:headers():get("content-type") or ""
   if string.find(content_type, "^application/grpc") == nil then
@@ -340,6 +439,23 @@ function envoy_on_request(handle)
     handle:streamInfo():dynamicMetadata():set(NAMESPACE, "rest", true)
     if handle:headers():get(":method") == "HEAD" then
       handle:streamInfo():dynamicMetadata():set(NAMESPACE, "head", true)
+    end
+    -- The body passes on chunk by chunk as it arrives (nothing is held here), so it can no
+    -- longer be answered here: a body with a misread list is spoilt from there on (a control
+    -- character the transcoder refuses, in a string or out) and its 400 answered as a 422
+    -- naming the field (envoy_on_response).
+    local scan, found = list_scanner(), nil
+    for chunk in handle:bodyChunks() do
+      if found == nil then
+        local problem
+        found, problem = scan(chunk:getBytes(0, chunk:length()))
+        if found ~= nil then
+          local where = found ~= "" and found or "the request body"
+          handle:streamInfo():dynamicMetadata():set(NAMESPACE, "misread_list", found)
+          handle:streamInfo():dynamicMetadata():set(NAMESPACE, "misread_list_problem", where .. " " .. problem)
+        end
+      end
+      if found ~= nil then chunk:setBytes("\1") end
     end
   end
 end
@@ -398,6 +514,8 @@ function envoy_on_response(handle)
       -- The transcoder could not print the details (a type missing from the descriptor set).
       local message = string.sub(json_string(percent_decode(grpc_message or "")), 2, -2)
       status, new_body, extra = from_grpc_status(grpc_status, message, nil)
+    elseif http_status == 400 and metadata.misread_list ~= nil then
+      status, new_body, extra = validation_failed(metadata.misread_list, metadata.misread_list_problem)
     elseif http_status == 400 then
       status, new_body, extra = from_transcoder_failure(text)
     else

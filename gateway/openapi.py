@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+from disposition.v1 import field_rules_pb2
 from gateway.envoy_config import DEFAULT_DESCRIPTOR
 from server import errors
+from server.rules import declared
 
 DEFAULT_OUT = DEFAULT_DESCRIPTOR.parent / "openapi.json"
 SERVICES = (
@@ -40,6 +43,9 @@ SPEC_PATH = "/api/v1/openapi.json"
 MAX_BODY_BYTES = 5 * 1024 * 1024
 
 FieldType = descriptor_pb2.FieldDescriptorProto
+# The extensions, as the options' accessors take them (the generated stubs type them loosely).
+_RULES: Any = field_rules_pb2.rules
+_BEHAVIOR: Any = field_behavior_pb2.field_behavior
 _SCALARS: dict[int, dict[str, Any]] = {
     FieldType.TYPE_STRING: {"type": "string"},
     FieldType.TYPE_BOOL: {"type": "boolean"},
@@ -54,9 +60,9 @@ _SCALARS: dict[int, dict[str, Any]] = {
         t: {"type": "integer", "format": "uint32", "minimum": 0}
         for t in (FieldType.TYPE_UINT32, FieldType.TYPE_FIXED32)
     },
-    # proto3 JSON: 64-bit integers are printed as strings and read from strings or numbers.
+    # proto3 JSON: 64-bit integers are printed as strings (requests' are parameters).
     **{
-        t: {"type": ["string", "integer"], "format": "int64", "pattern": "^-?[0-9]+$"}
+        t: {"type": "string", "format": "int64", "pattern": "^-?[0-9]+$"}
         for t in (
             FieldType.TYPE_INT64,
             FieldType.TYPE_SINT64,
@@ -171,6 +177,36 @@ class _Descriptors:
                 if text:
                     self.comments[(file.name, tuple(location.path))] = " ".join(text.split())
 
+        # The messages a request carries (their schemas state the declared limits).
+        self.request_messages: set[str] = set()
+        pending = [
+            method.input_type
+            for file in self.files
+            for service in file.service
+            for method in service.method
+        ]
+        while pending:
+            name = pending.pop()
+            if name in self.request_messages or name not in self.messages:
+                continue
+            self.request_messages.add(name)
+            pending += [f.type_name for f in self.messages[name].field if f.type_name]
+        # Those of them whose fields' limits are not refusals: the items of a list whose items
+        # are judged alone (reported in the reply), and what they hold.
+        self.judged_alone: set[str] = set()
+        pending = [
+            f.type_name
+            for name in self.request_messages
+            for f in self.messages[name].field
+            if f.type_name and f.options.Extensions[_RULES].items_judged_alone
+        ]
+        while pending:
+            name = pending.pop()
+            if name in self.judged_alone or name not in self.messages:
+                continue
+            self.judged_alone.add(name)
+            pending += [f.type_name for f in self.messages[name].field if f.type_name]
+
     def _add_message(self, prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
         name = f"{prefix}.{message.name}"
         self.messages[name] = message
@@ -178,6 +214,85 @@ class _Descriptors:
             self._add_message(name, nested)
         for enum in message.enum_type:
             self.enums[f"{name}.{enum.name}"] = enum
+
+
+_INT32 = frozenset({FieldType.TYPE_INT32, FieldType.TYPE_SINT32, FieldType.TYPE_SFIXED32})
+_INT64 = frozenset(
+    {
+        FieldType.TYPE_INT64,
+        FieldType.TYPE_SINT64,
+        FieldType.TYPE_SFIXED64,
+        FieldType.TYPE_UINT64,
+        FieldType.TYPE_FIXED64,
+    }
+)
+_INT32_RANGE = (-(2**31), 2**31 - 1)
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _rules(field: descriptor_pb2.FieldDescriptorProto) -> field_rules_pb2.FieldRules | None:
+    if not field.options.HasExtension(_RULES):
+        return None
+    rules: field_rules_pb2.FieldRules = field.options.Extensions[_RULES]
+    return rules
+
+
+def _required(field: descriptor_pb2.FieldDescriptorProto) -> bool:
+    return field_behavior_pb2.FieldBehavior.REQUIRED in field.options.Extensions[_BEHAVIOR]
+
+
+def _min_items(field: descriptor_pb2.FieldDescriptorProto) -> int:
+    rules = _rules(field)
+    return rules.min_items if rules is not None else 0
+
+
+def _range(rules: field_rules_pb2.FieldRules | None, bounds: tuple[int, int]) -> dict[str, int]:
+    """minimum and maximum: the declared ones, within what the type holds."""
+    low, high = bounds
+    if rules is not None and rules.HasField("minimum"):
+        low = max(low, rules.minimum)
+    if rules is not None and rules.HasField("maximum"):
+        high = min(high, rules.maximum)
+    return {"minimum": low, "maximum": high}
+
+
+# What the control-character and blank rules allow, as a pattern a generator can follow.
+_PRINTED = declared.portable(r"^[^\x00-\x1f\x7f-\x9f]*$")
+_PRINTED_REQUIRED = declared.portable(
+    r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+)
+
+
+def _text(rules: field_rules_pb2.FieldRules | None, *, required: bool) -> dict[str, Any]:
+    """A request string's limits as declared.py checks them: no control characters anywhere;
+    required: not blank; then the declared length, values and patterns, which an empty value
+    of an optional field skips."""
+    # `not` with the type: a null (where allowed) holds no control character either.
+    schema: dict[str, Any] = {"not": {"type": "string", "pattern": declared.CONTROL_CHARACTERS}}
+    pattern = _PRINTED_REQUIRED if required else _PRINTED  # no control character, not blank
+    if rules is not None:
+        if rules.max_length:
+            schema["maxLength"] = rules.max_length
+        # A format where no pattern states the shape (a pattern is exact; RFC 3339's date-time,
+        # say, allows offsets and leap seconds that the server refuses).
+        if rules.format and not rules.patterns and required:
+            schema["format"] = rules.format
+        elif rules.format and not rules.patterns:  # empty is no value: others have the format
+            schema["anyOf"] = [{"maxLength": 0}, {"format": rules.format}]
+        if rules.one_of:
+            schema["enum"] = ([] if required else [""]) + list(rules.one_of)
+        if rules.patterns:
+            # The last pattern is the field's whole shape: each one narrows those before it and
+            # holds a character that is not white space (checked below). One pattern, no allOf:
+            # generators cannot join two patterns, and filter instead.
+            last = rules.patterns[-1].regex
+            if required and re.search(declared.portable(last), " \t"):
+                raise ValueError(f"{last!r} lets a blank value through; a required field's cannot")
+            pattern = declared.portable(last if required else f"^$|(?:{last})")
+    if required:
+        schema["minLength"] = 1
+    schema["pattern"] = pattern
+    return schema
 
 
 class _Builder:
@@ -216,28 +331,70 @@ class _Builder:
     def message_schema(self, type_name: str) -> dict[str, Any]:
         message = self.d.messages[type_name]
         comments = self.field_comments.get(type_name, {})
+        request = type_name in self.d.request_messages
+        limits = request and type_name not in self.d.judged_alone
         properties: dict[str, Any] = {}
+        required: list[str] = []
         for field in message.field:
-            schema = self.field_schema(field)
+            schema = self.field_schema(field, request=limits)
             if field.name in comments:
                 schema = {**schema, "description": comments[field.name]}
+            if limits and (_required(field) or _min_items(field)):
+                required.append(field.name)
+            elif request and isinstance(schema.get("type"), str):
+                # proto3 JSON reads null as the field's default: so does the server.
+                schema = {**schema, "type": [schema["type"], "null"]}
             properties[field.name] = schema
-        return {"type": "object", "properties": properties}
+        message_schema: dict[str, Any] = {"type": "object", "properties": properties}
+        if required:
+            message_schema["required"] = required
+        if request:
+            # Unknown members are ignored, but one named "" is refused: protobuf's JSON reader
+            # takes it for the object itself (400 Invalid JSON body, or 422 naming the object).
+            message_schema["propertyNames"] = {"minLength": 1}
+        return message_schema
 
-    def field_schema(self, field: descriptor_pb2.FieldDescriptorProto) -> dict[str, Any]:
+    def field_schema(
+        self, field: descriptor_pb2.FieldDescriptorProto, *, request: bool = False
+    ) -> dict[str, Any]:
+        """The field's schema; with `request`, its declared limits too (the checks of
+        server/rules/declared.py, stated as JSON Schema)."""
+        rules = _rules(field) if request else None
         if field.type == FieldType.TYPE_MESSAGE:
             entry = self.d.messages.get(field.type_name)
             if entry is not None and entry.options.map_entry:
                 value = self.field_schema(entry.field[1])
+                if request:
+                    keys = rules.keys if rules is not None and rules.HasField("keys") else None
+                    values = rules.items if rules is not None and rules.HasField("items") else None
+                    return {
+                        "type": "object",
+                        "propertyNames": _text(keys, required=True),
+                        "additionalProperties": {**value, **_text(values, required=False)},
+                    }
                 return {"type": "object", "additionalProperties": value}
             single = self.ref(field.type_name)
         elif field.type == FieldType.TYPE_ENUM:
             names = [value.name for value in self.d.enums[field.type_name].value]
             single = {"type": "string", "enum": names}
+        elif request and field.type in _INT64:
+            # A parameter's digits, read as an int64 (no request body has an int64 field).
+            single = {"type": "integer", "format": "int64", **_range(rules, _INT64_RANGE)}
+        elif request and field.type in _INT32:
+            single = {**_SCALARS[field.type], **_range(rules, _INT32_RANGE)}
+        elif request and field.type == FieldType.TYPE_STRING:
+            repeated = field.label == FieldType.LABEL_REPEATED
+            items = rules.items if repeated and rules is not None else rules
+            single = {"type": "string", **_text(items, required=repeated or _required(field))}
         else:
             single = dict(_SCALARS[field.type])
         if field.label == FieldType.LABEL_REPEATED:
-            return {"type": "array", "items": single}
+            array: dict[str, Any] = {"type": "array", "items": single}
+            if rules is not None and rules.min_items:
+                array["minItems"] = rules.min_items
+            if rules is not None and rules.max_items:
+                array["maxItems"] = rules.max_items
+            return array
         if field.proto3_optional and isinstance(single.get("type"), str):
             # Presence matters: null (or absent) leaves the value as it is.
             single["type"] = [single["type"], "null"]
@@ -295,7 +452,7 @@ class _Builder:
                 "name": field.name,
                 "in": location,
                 "required": location == "path",
-                "schema": self.field_schema(field),
+                "schema": self.field_schema(field, request=True),
             }
             if field.name in comments:
                 parameter["description"] = comments[field.name]
@@ -376,11 +533,20 @@ def build(files: descriptor_pb2.FileDescriptorSet) -> dict[str, Any]:
                 "RequestId": _header(
                     "x-request-id", "Your id for this request, echoed and logged", False
                 ),
-                "IdempotencyKey": _header(
-                    "Idempotency-Key",
-                    "Retries with the same key and body get the first reply (24 hours)",
-                    False,
-                ),
+                "IdempotencyKey": {
+                    **_header(
+                        "Idempotency-Key",
+                        "Retries with the same key and body get the first reply (24 hours)",
+                        False,
+                    ),
+                    # usecases/idempotency.parse_key (HTTP trims the ends of a header's value).
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 255,  # idempotency.MAX_KEY_LENGTH
+                        "pattern": "^[!-~]([ -~]*[!-~])?$",
+                    },
+                },
             },
             "schemas": {
                 **dict(sorted(builder.schemas.items())),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 from server import errors
 
@@ -30,6 +31,35 @@ def lua_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def repeated_request_fields() -> list[str]:
+    """Every list field a REST request body can carry, as its path of names ("data",
+    "data.custom_fields"): the lists the filter checks for lists and nulls in them."""
+    from disposition.v1 import (
+        call_ingestion_service_pb2,
+        disposition_service_pb2,
+        webhook_service_pb2,
+    )
+
+    found: set[str] = set()
+
+    def walk(message: Any, at: str, depth: int) -> None:
+        for field in message.fields:
+            path = f"{at}.{field.name}" if at else field.name
+            entry = field.message_type
+            if entry is not None and entry.GetOptions().map_entry:
+                continue
+            if field.is_repeated:
+                found.add(path)
+            if entry is not None and not entry.full_name.startswith("google.") and depth < 8:
+                walk(entry, path, depth + 1)
+
+    for module in (call_ingestion_service_pb2, disposition_service_pb2, webhook_service_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                walk(method.input_type, "", 0)
+    return sorted(found)
+
+
 def block() -> str:
     """The Lua lines that replace the source's vocabulary block."""
     reasons = "".join(
@@ -40,12 +70,14 @@ def block() -> str:
         f"  [{status}] = {lua_string(message)},\n"
         for status, message in errors.message_by_http_status().items()
     )
+    lists = "".join(f"  [{lua_string(path)}] = true,\n" for path in repeated_request_fields())
     return (
-        "-- @vocabulary-begin (rendered from server/errors.py by gateway/vocabulary.py)\n"
+        "-- @vocabulary-begin (rendered from server/errors.py and the protos by vocabulary.py)\n"
         f"local HTTP_STATUS_FOR_REASON = {{\n{reasons}}}\n"
         f"local MESSAGE_FOR_STATUS = {{\n{messages}}}\n"
         f"local INVALID_JSON_BODY = {lua_string(errors.InvalidJsonBody.default_message)}\n"
         f"local VALIDATION_FAILED = {lua_string(errors.ValidationFailed.default_message)}\n"
+        f"local REPEATED_FIELDS = {{\n{lists}}}\n"
         "-- @vocabulary-end\n"
     )
 

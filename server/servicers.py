@@ -1,17 +1,19 @@
-"""gRPC servicers: protobuf in, use case calls, protobuf out. No SQL, no rules.
+"""gRPC servicers: protobuf in, use case calls, protobuf out. No SQL, no rules of their own.
 
-Each handler reads the caller (partner, tenant, sub-tenant, request id) from the request
-context that the interceptor filled in, and passes it to the use case explicitly.
+Each handler first checks the limits declared on its request's fields (server/rules/declared.py),
+reads the caller (partner, tenant, sub-tenant, request id) from the request context that the
+interceptor filled in, and passes it to the use case explicitly.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from disposition.v1 import (
     call_ingestion_service_pb2 as ingestion_pb2,
@@ -29,6 +31,7 @@ from server import context as request_context
 from server.context import caller as _caller
 from server.db import Database
 from server.records import ChangeRecord
+from server.rules import declared
 from server.runtime.feed import FeedHub
 from server.usecases import (
     batch_updates,
@@ -50,6 +53,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.WatchDispositionChangesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[disposition_pb2.WatchDispositionChangesResponse]:
+        declared.require(request)
         async for batch in self.feed.watch(
             caller=_caller(),
             after_cursor=request.after_cursor,
@@ -64,6 +68,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.UpdateDispositionStatusRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.UpdateDispositionStatusResponse:
+        declared.require(request)
         await dispositions.update_disposition_status(
             self.db,
             caller=_caller(),
@@ -79,6 +84,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.BatchUpdateDispositionStatusRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.BatchUpdateDispositionStatusResponse:
+        declared.require(request)  # the envelope; each item is judged on its own (below)
         result = await batch_updates.batch_update(
             self.db,
             caller=_caller(),
@@ -91,6 +97,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
                 )
                 for item in request.items
             ],
+            problems=_item_problems(request.items, "items"),
             idempotency_key=_idempotency_key(),
         )
         _mark_replay(result)
@@ -145,6 +152,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.GetDispositionStatusRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.GetDispositionStatusResponse:
+        declared.require(request)
         status = await reports.get_status(
             self.db, caller=_caller(), customer_id=request.customer_id
         )
@@ -168,6 +176,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
             customer_id=request.customer_id,
             page_size=request.page_size,
             page_token=request.page_token,
+            problems=declared.check(request),  # reported with the page token's own
         )
         return disposition_pb2.ListDispositionHistoryResponse(
             success=True,
@@ -183,6 +192,7 @@ class DispositionService(disposition_grpc.DispositionServiceServicer):
         request: disposition_pb2.GetDispositionSummaryRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> disposition_pb2.GetDispositionSummaryResponse:
+        declared.require(request)
         summary = await reports.get_summary(
             self.db, caller=_caller(), window_from=getattr(request, "from"), window_to=request.to
         )
@@ -216,10 +226,12 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
         request: ingestion_pb2.IngestBatchCallsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ingestion_pb2.IngestBatchCallsResponse:
+        declared.require(request, nested=False)  # the envelope; the items' limits next
         result = await ingestion.ingest_batch(
             self.db,
             caller=_caller(),
             items=[_batch_item(item) for item in request.data],
+            problems=_item_problems(request.data, "data"),
             idempotency_key=_idempotency_key(),
         )
         _mark_replay(result)
@@ -242,6 +254,11 @@ class CallIngestionService(ingestion_grpc.CallIngestionServiceServicer):
                 customer_created=item.customer_created,
             )
         return reply
+
+
+def _item_problems(items: Sequence[Message], field: str) -> list[declared.Violations]:
+    """The declared limits each item of a batch breaks, under `field[i]`."""
+    return [declared.check(item, f"{field}[{index}]") for index, item in enumerate(items)]
 
 
 def _idempotency_key() -> str | None:

@@ -1,5 +1,6 @@
 """The partner's webhook endpoints over gRPC (and REST, through Envoy): protobuf in, use case
-calls, protobuf out. No SQL, no rules.
+calls, protobuf out. No SQL, no rules of their own: each handler first checks the limits
+declared on its request's fields (server/rules/declared.py).
 
 The endpoints are the calling partner's, in the tenant and sub-tenant of its request
 (usecases/webhooks.py says what it sees). The use cases' own errors, shared with the admin CLI,
@@ -21,6 +22,7 @@ from server import context as request_context
 from server.db import Database
 from server.errors import ValidationFailed, WebhookDeliveryNotFound, WebhookEndpointNotFound
 from server.records import WebhookDeliveryRecord, WebhookEndpointRecord
+from server.rules import declared
 from server.usecases import webhooks
 
 Rpc = grpc.aio.ServicerContext[Any, Any]
@@ -44,6 +46,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
                 events=list(request.events),
                 allow_private=self.db.settings.webhook_allow_private_urls,
                 partner_pk=caller.partner_pk,
+                problems=declared.check(request),  # reported with the URL's own problems
             )
         self.on_change()
         return pb.CreateWebhookEndpointResponse(
@@ -53,6 +56,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
     async def ListWebhookEndpoints(
         self, request: pb.ListWebhookEndpointsRequest, context: Rpc
     ) -> pb.ListWebhookEndpointsResponse:
+        declared.require(request)
         found = await webhooks.list_endpoints(self.db, caller=request_context.caller())
         return pb.ListWebhookEndpointsResponse(
             success=True,
@@ -62,6 +66,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
     async def DeleteWebhookEndpoint(
         self, request: pb.DeleteWebhookEndpointRequest, context: Rpc
     ) -> pb.DeleteWebhookEndpointResponse:
+        declared.require(request)
         with _documented_errors():
             await webhooks.delete_endpoint(
                 self.db, endpoint_id=request.endpoint_id, caller=request_context.caller()
@@ -71,6 +76,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
     async def RotateWebhookEndpointSecret(
         self, request: pb.RotateWebhookEndpointSecretRequest, context: Rpc
     ) -> pb.RotateWebhookEndpointSecretResponse:
+        declared.require(request)
         with _documented_errors():
             rotated = await webhooks.rotate_secret(
                 self.db, endpoint_id=request.endpoint_id, caller=request_context.caller()
@@ -82,6 +88,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
     async def ListWebhookDeliveries(
         self, request: pb.ListWebhookDeliveriesRequest, context: Rpc
     ) -> pb.ListWebhookDeliveriesResponse:
+        declared.require(request)
         status, limit = webhooks.check_listing(status=request.status, page_size=request.page_size)
         with _documented_errors():
             found = await webhooks.deliveries(
@@ -101,6 +108,7 @@ class WebhookService(webhook_grpc.WebhookServiceServicer):
     async def RetryWebhookDelivery(
         self, request: pb.RetryWebhookDeliveryRequest, context: Rpc
     ) -> pb.RetryWebhookDeliveryResponse:
+        declared.require(request)
         with _documented_errors():
             retried = await webhooks.retry_delivery(
                 self.db,

@@ -1,8 +1,9 @@
 """A partner updates many customers' disposition statuses: every item judged on its own, one
 transaction.
 
-Envelope problems (no items, too many) reject the whole request. Otherwise each item is `ok`,
-`not_found` or `invalid` (with its field errors, under `items[i].`), and the valid items apply
+Envelope problems (no items, too many: checked on the request) reject the whole request.
+Otherwise each item is `ok`, `not_found` or `invalid` (with its field errors, under `items[i].`:
+the declared limits it breaks, then a status its catalog refuses), and the valid items apply
 in request order and commit together, one history row per real change, before the reply.
 """
 
@@ -14,11 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.db import Database
-from server.errors import ValidationFailed
 from server.records import Caller, Change, Plan, Reads, Scope, Snapshot
 from server.rules import catalogs, validation
 from server.usecases import idempotency
-from server.usecases.ingestion import MAX_BATCH
 
 SOURCE_BATCH_UPDATE = "batch_update"
 METHOD = "disposition.v1.DispositionService/BatchUpdateDispositionStatus"  # idempotency keys
@@ -80,21 +79,14 @@ class PreparedBatch:
     problems: list[validation.Violations]
 
 
-def prepare_batch(items: Sequence[UpdateItem]) -> PreparedBatch:
-    """Check the envelope (raises ValidationFailed) and every item's field rules (no I/O)."""
-    if not items:
-        raise ValidationFailed([("items", "items should not be empty")])
-    if len(items) > MAX_BATCH:
-        raise ValidationFailed([("items", f"items must contain no more than {MAX_BATCH} elements")])
-    problems: list[validation.Violations] = []
-    for index, item in enumerate(items):
-        out: validation.Violations = []
-        validation.required_text(out, f"items[{index}].customer_id", item.customer_id)
-        validation.disposition_status(
-            out, f"items[{index}].disposition_status", item.disposition_status
-        )
-        problems.append(out)
-    return PreparedBatch(items, problems)
+def prepare_batch(
+    items: Sequence[UpdateItem], problems: Sequence[validation.Violations]
+) -> PreparedBatch:
+    """The batch with each item's problems: `problems[i]`, the declared limits item i breaks
+    (checked on the request, server/rules/declared.py), whose count must match the items'."""
+    if len(problems) != len(items):
+        raise ValueError(f"{len(problems)} problem lists for {len(items)} items")
+    return PreparedBatch(items, [list(found) for found in problems])
 
 
 async def batch_update(
@@ -102,6 +94,7 @@ async def batch_update(
     *,
     caller: Caller,
     items: Sequence[UpdateItem],
+    problems: Sequence[validation.Violations],
     idempotency_key: str | None = None,
 ) -> idempotency.Result[BatchUpdateOutcome]:
     """Apply a batch for the caller's tenant and sub-tenant; committed before this returns.
@@ -113,7 +106,7 @@ async def batch_update(
     decode = BatchUpdateOutcome.from_json
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
-    batch = prepare_batch(items)
+    batch = prepare_batch(items, problems)
     scope = caller.scope
     who = (SOURCE_BATCH_UPDATE, caller.partner_pk, caller.request_id)
     valid = [i for i, found in enumerate(batch.problems) if not found]

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from server.db import Database
-from server.errors import CustomerNotFound, ValidationFailed
+from server.errors import CustomerNotFound
 from server.records import Caller
-from server.rules import validation
 from server.runtime import update_groups
 from server.storage import customers
 
 SOURCE_UPDATE = "disposition_update"
-
-
-def validate_update(customer_id: str, disposition_status: str | None) -> None:
-    violations: validation.Violations = []
-    validation.required_text(violations, "customer_id", customer_id)
-    validation.disposition_status(violations, "disposition_status", disposition_status)
-    if violations:
-        raise ValidationFailed(violations)
 
 
 async def update_disposition_status(
@@ -27,9 +18,9 @@ async def update_disposition_status(
 
     None leaves the status as it is, "" clears it, anything else sets it (and must be
     in the tenant's catalog when it has one). A real change and its history row
-    commit together before this returns.
+    commit together before this returns. The fields' declared limits were checked on the
+    request (server/rules/declared.py).
     """
-    validate_update(customer_id, disposition_status)
     if disposition_status is None:
         async with db.read() as conn:
             found = await customers.find_customer(

@@ -29,7 +29,6 @@ from server.runtime.webhook_http import DeliveryError, RefusedAddress, resolve
 from server.usecases import idempotency
 from server.usecases.catalogs import load_catalog
 
-MAX_BATCH = 1000
 # How long a callback_url's host may take to resolve at ingestion (else: checked at delivery).
 RESOLVE_SECONDS = 2.0
 SOURCE_BATCH_CALL = "batch_call"
@@ -99,21 +98,26 @@ class BatchOutcome:
 
 
 def validate_batch(
-    items: Sequence[BatchItem], catalog: catalogs.Catalog = catalogs.UNRESTRICTED
+    items: Sequence[BatchItem],
+    problems: Sequence[validation.Violations],
+    catalog: catalogs.Catalog = catalogs.UNRESTRICTED,
 ) -> list[tuple[datetime, datetime]]:
-    """Every problem of every item, or the parsed (start, end) times of each item.
-
-    Statuses are checked against `catalog` too (ingest_batch checks them in its transaction).
-    """
+    """The parsed (start, end) times of each item, or ValidationFailed with every problem of
+    every item: `problems[i]`, the declared limits item i breaks (checked on the request,
+    server/rules/declared.py), then what only the batch tells (a call id used twice, an end
+    before its start, a date that does not exist, a status `catalog` refuses) for the fields
+    that kept their limits. Statuses are checked against `catalog` too (ingest_batch checks
+    them in its transaction)."""
+    if len(problems) != len(items):
+        raise ValueError(f"{len(problems)} problem lists for {len(items)} items")
     out: validation.Violations = []
-    if not items:
-        raise ValidationFailed([("data", "data should not be empty")])
-    if len(items) > MAX_BATCH:
-        raise ValidationFailed([("data", f"data must contain no more than {MAX_BATCH} elements")])
     times: list[tuple[datetime, datetime]] = []
     seen_calls: set[str] = set()
     for index, item in enumerate(items):
-        times.append(_validate_item(out, f"data[{index}]", item, seen_calls, catalog))
+        found = problems[index]
+        out += found
+        failed = {field for field, _ in found}
+        times.append(_validate_item(out, f"data[{index}]", item, failed, seen_calls, catalog))
     if out:
         raise ValidationFailed(out)
     return times
@@ -126,54 +130,32 @@ def _validate_item(
     out: validation.Violations,
     at: str,
     item: BatchItem,
+    failed: set[str],
     seen_calls: set[str],
     catalog: catalogs.Catalog,
 ) -> tuple[datetime, datetime]:
+    """The rules of one item that its fields' limits do not state, skipping `failed` fields."""
     start = end = _NO_TIME
-    if item.call is None:
-        out.append((f"{at}.call", f"{at}.call should not be empty"))
-    else:
+    if item.call is not None:
         call = item.call
-        if validation.required_text(out, f"{at}.call.id", call.id):
+        if f"{at}.call.id" not in failed:
             if call.id in seen_calls:
                 out.append((f"{at}.call.id", f"{at}.call.id must be unique within the batch"))
             seen_calls.add(call.id)
-        validation.recording_url(out, f"{at}.call.recording_url", call.recording_url)
-        parsed_start = validation.utc_timestamp(out, f"{at}.call.start_time", call.start_time)
-        parsed_end = validation.utc_timestamp(out, f"{at}.call.end_time", call.end_time)
+        start_field, end_field = f"{at}.call.start_time", f"{at}.call.end_time"
+        parsed_start = parsed_end = None
+        if start_field not in failed:
+            parsed_start = validation.utc_date(out, start_field, call.start_time)
+        if end_field not in failed:
+            parsed_end = validation.utc_date(out, end_field, call.end_time)
         if parsed_start and parsed_end:
             start, end = parsed_start, parsed_end
             if end <= start:
-                out.append(
-                    (
-                        f"{at}.call.end_time",
-                        f"{at}.call.end_time must be after {at}.call.start_time",
-                    )
-                )
-        validation.e164(out, f"{at}.call.contact_number", call.contact_number)
-    if item.agent is None:
-        out.append((f"{at}.agent", f"{at}.agent should not be empty"))
-    else:
-        validation.required_text(out, f"{at}.agent.id", item.agent.id)
-        validation.optional_email(out, f"{at}.agent.email", item.agent.email)
-        validation.optional_text(out, f"{at}.agent.name", item.agent.name)
-    if item.customer is None:
-        out.append((f"{at}.customer", f"{at}.customer should not be empty"))
-    else:
-        validation.required_text(out, f"{at}.customer.id", item.customer.id)
-        validation.optional_text(out, f"{at}.customer.name", item.customer.name)
-        validation.optional_email(out, f"{at}.customer.email", item.customer.email)
+                out.append((end_field, f"{end_field} must be after {start_field}"))
+    if item.customer is not None:
         status_field, status = f"{at}.customer.disposition_status", item.customer.disposition_status
-        if validation.disposition_status(out, status_field, status):
+        if status_field not in failed:
             catalog.check(out, status_field, status)
-    validation.optional_url(out, f"{at}.callback_url", item.callback_url)
-    for key, value in item.metadata.items():
-        validation.required_text(out, f"{at}.metadata", key)
-        validation.optional_text(out, f"{at}.metadata.{key}", value, max_length=2048)
-    for position, (name, value) in enumerate(item.custom_fields):
-        where = f"{at}.custom_fields[{position}]"
-        validation.required_text(out, f"{where}.internal_name", name)
-        validation.optional_text(out, f"{where}.value", value, max_length=2048)
     return start, end
 
 
@@ -218,6 +200,7 @@ async def ingest_batch(
     *,
     caller: Caller,
     items: Sequence[BatchItem],
+    problems: Sequence[validation.Violations],
     idempotency_key: str | None = None,
 ) -> idempotency.Result[BatchOutcome]:
     """Validate everything, then store every new call in one unit of work.
@@ -232,14 +215,14 @@ async def ingest_batch(
     if (replayed := await idempotency.replay(db, request, decode)) is not None:
         return replayed
     try:
-        times = validate_batch(items)  # field rules first, without a unit of work
+        times = validate_batch(items, problems)  # field rules first, without a unit of work
         await check_callbacks(items, allow_private=db.settings.webhook_allow_private_urls)
     except ValidationFailed:
         # Name the statuses the catalog refuses in the same reply (nothing is written here).
         async with db.read() as conn:
             catalog = await load_catalog(conn, tenant_id=scope[0], sub_tenant_id=scope[1])
         if catalog.restricted:
-            validate_batch(items, catalog)
+            validate_batch(items, problems, catalog)
         raise
     reads = Reads(
         customers={scope: [item.customer.id for item in items if item.customer is not None]},

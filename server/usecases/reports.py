@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,8 +17,8 @@ from server.records import Caller, ChangeRecord
 from server.rules import validation
 from server.storage import customers, history, reports
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50  # its range is declared on the request
+
 
 # A page token: version, id of the last change sent, digest of the listing it continues.
 _TOKEN = struct.Struct(">BQ8s")
@@ -61,10 +62,6 @@ class Summary:
 
 async def get_status(db: Database, *, caller: Caller, customer_id: str) -> CustomerStatus:
     """The customer's current status in the caller's tenant and sub-tenant."""
-    violations: validation.Violations = []
-    validation.required_text(violations, "customer_id", customer_id)
-    if violations:
-        raise ValidationFailed(violations)
     tenant_id, sub_tenant_id = caller.scope
     async with db.read() as conn:
         found = await customers.find_status(
@@ -80,18 +77,24 @@ async def get_status(db: Database, *, caller: Caller, customer_id: str) -> Custo
 
 
 async def list_history(
-    db: Database, *, caller: Caller, customer_id: str, page_size: int, page_token: str
+    db: Database,
+    *,
+    caller: Caller,
+    customer_id: str,
+    page_size: int,
+    page_token: str,
+    problems: Sequence[tuple[str, str]] = (),
 ) -> HistoryPage:
-    """One page of the customer's changes, newest first; the token continues the listing."""
+    """One page of the customer's changes, newest first; the token continues the listing.
+
+    `problems`: the declared limits the request broke (checked on it, server/rules/declared.py),
+    reported with a page token that is not one this listing issued."""
     tenant_id, sub_tenant_id = caller.scope
     listing = _listing_digest(tenant_id, sub_tenant_id, customer_id)
-    violations: validation.Violations = []
-    validation.required_text(violations, "customer_id", customer_id)
-    limit = validation.page_size(
-        violations, "page_size", page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
-    )
+    violations: validation.Violations = list(problems)
+    limit = page_size or DEFAULT_PAGE_SIZE  # 0: the default (its range is declared)
     before_id = None
-    if page_token:
+    if page_token and not any(field == "page_token" for field, _ in problems):
         before_id = _decode_token(page_token, listing)
         if before_id is None:
             violations.append(("page_token", "page_token is invalid"))
@@ -148,8 +151,8 @@ def _decode_token(token: str, listing: bytes) -> int | None:
 async def get_summary(db: Database, *, caller: Caller, window_from: str, window_to: str) -> Summary:
     """Customers by current status and the changes made in `[from, to)` (empty: open)."""
     violations: validation.Violations = []
-    start = validation.utc_timestamp(violations, "from", window_from) if window_from else None
-    end = validation.utc_timestamp(violations, "to", window_to) if window_to else None
+    start = validation.utc_date(violations, "from", window_from) if window_from else None
+    end = validation.utc_date(violations, "to", window_to) if window_to else None
     if start is not None and end is not None and end <= start:
         violations.append(("to", "to must be after from"))
     if violations:

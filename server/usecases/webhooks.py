@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from server.db import Database
-from server.errors import ValidationFailed
 from server.records import Caller, WebhookDeliveryRecord, WebhookEndpointRecord
 from server.rules import validation
 from server.rules import webhooks as rules
@@ -33,7 +32,7 @@ from server.storage import webhooks as storage
 
 ALL_SUB_TENANTS = "*"
 DELIVERIES_LIMIT = 100  # the operator's listing by default
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 100  # a partner's listing
+DEFAULT_PAGE_SIZE = 50  # a partner's listing (its range is declared on the request)
 DELIVERY_STATUSES = (storage.PENDING, storage.DELIVERED, storage.FAILED)
 RESOLVE_SECONDS = 5.0  # a URL's host must resolve this fast at creation
 
@@ -70,12 +69,20 @@ class CreatedEndpoint:
 
 
 async def check_endpoint(
-    url: str, events: Sequence[str], *, allow_private: bool
+    url: str,
+    events: Sequence[str],
+    *,
+    allow_private: bool,
+    problems: Sequence[tuple[str, str]] = (),
 ) -> tuple[str, ...]:
     """The event types an endpoint with this URL takes (every type when `events` is empty);
-    InvalidWebhook with every problem of the URL (its host resolved and checked) and events."""
-    out: validation.Violations = []
-    if validation.required_text(out, "url", url, max_length=rules.MAX_URL):
+    InvalidWebhook with every problem of the URL (its host resolved and checked) and events.
+
+    `problems`: the declared limits the request broke (checked on it, server/rules/declared.py),
+    reported first; the fields they name are not checked again."""
+    out: validation.Violations = list(problems)
+    failed = {field for field, _ in problems}
+    if "url" not in failed and validation.required_text(out, "url", url, max_length=rules.MAX_URL):
         problem = rules.url_problem(url, allow_private=allow_private)
         if problem is not None:
             out.append(("url", f"url {problem}"))
@@ -91,7 +98,8 @@ async def check_endpoint(
                 problem = f"no answer within {RESOLVE_SECONDS:g} s"
                 out.append(("url", f"url cannot resolve {parts.hostname}: {problem}"))
     for index, event in enumerate(events):
-        validation.one_of(out, f"events[{index}]", event, rules.EVENT_TYPES)
+        if f"events[{index}]" not in failed:
+            validation.one_of(out, f"events[{index}]", event, rules.EVENT_TYPES)
     if out:
         raise InvalidWebhook(out)
     return tuple(dict.fromkeys(events)) or rules.EVENT_TYPES
@@ -106,8 +114,9 @@ async def create_endpoint(
     events: Sequence[str],
     allow_private: bool,
     partner_pk: int | None = None,
+    problems: Sequence[tuple[str, str]] = (),
 ) -> CreatedEndpoint:
-    chosen = await check_endpoint(url, events, allow_private=allow_private)
+    chosen = await check_endpoint(url, events, allow_private=allow_private, problems=problems)
     secret = rules.new_secret()
     async with db.write() as conn:
         if partner_pk is not None:
@@ -189,16 +198,9 @@ async def rotate_secret(
 
 def check_listing(*, status: str, page_size: int) -> tuple[str | None, int]:
     """A partner's deliveries listing: the status to keep (None: all) and how many, from the
-    request's `status` ("" for all) and `page_size` (0 for the default); ValidationFailed."""
-    out: validation.Violations = []
-    if status:
-        validation.one_of(out, "status", status, DELIVERY_STATUSES)
-    limit = validation.page_size(
-        out, "page_size", page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
-    )
-    if out:
-        raise ValidationFailed(out)
-    return status or None, limit
+    request's `status` ("" for all) and `page_size` (0 for the default), whose declared limits
+    were checked on the request."""
+    return status or None, page_size or DEFAULT_PAGE_SIZE
 
 
 async def deliveries(

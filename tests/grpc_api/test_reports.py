@@ -437,7 +437,7 @@ async def test_summary_reads_every_acknowledged_write(
     [
         (("bad", ""), [("from", "from must be a valid ISO 8601 date string")]),
         (("", "2026-11-26"), [("to", "to must be a valid ISO 8601 date string")]),
-        (("  ", ""), [("from", "from should not be empty")]),
+        (("  ", ""), [("from", "from must be a valid ISO 8601 date string")]),
         (
             ("2026-11-26T10:00:00+01:00", "x"),
             [

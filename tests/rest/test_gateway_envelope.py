@@ -499,6 +499,22 @@ def test_malformed_json(envoy: EnvoyPorts, body: str) -> None:
             "data[0].metadata",
             "data[0].metadata must be an object",
         ),
+        # The transcoder would read a single value as a list of it, an inner list's items as
+        # the outer list's own, and drop a null; unknown members are not looked into.
+        (BATCH_PATH, '{"x":{"data":1},"data":{"call":{}}}', "data", "data must be a list"),
+        (BATCH_PATH, '{"data":[[{"call":{}}]]}', "data[0]", "data[0] must not be a list or null"),
+        (
+            BATCH_PATH,
+            '{"x":[[1],null],"data":[{"call":{"id":1}}, null]}',
+            "data[1]",
+            "data[1] must not be a list or null",
+        ),
+        (
+            BATCH_PATH,
+            '{"x\\"[[":[],"data":[{"custom_fields":[{"value":"a[[\\"b"}, [ ]]}]}',
+            "data[0].custom_fields[1]",
+            "data[0].custom_fields[1] must not be a list or null",
+        ),
     ],
 )
 def test_wrongly_typed_field(
@@ -511,6 +527,16 @@ def test_wrongly_typed_field(
         "errors": [{"field": field, "message": problem}],
     }
     assert_rest_reply(reply, 422, json.dumps(expected, separators=(",", ":")).encode())
+
+
+def test_a_list_of_lists_is_found_at_the_end_of_a_5_mb_body(envoy: EnvoyPorts) -> None:
+    """The body is scanned as its chunks pass (none is held): the list at its end is found."""
+    tail = '","data":[{},[{}]]}'
+    body = '{"padding":"' + "[[" * ((MAX_BODY - len(tail) - 12) // 2) + tail
+    assert len(body) <= MAX_BODY
+    reply = call(envoy.http_port, "POST", BATCH_PATH, body)
+    expected = b'{"success":false,"message":"Validation failed","errors":[{"field":"data[1]",'
+    assert_rest_reply(reply, 422, expected + b'"message":"data[1] must not be a list or null"}]}')
 
 
 def test_body_of_exactly_5_mb_passes(envoy: EnvoyPorts) -> None:

@@ -144,7 +144,8 @@ def test_grpcurl_through_reflection(database_url: str, tmp_path: Path) -> None:
             "grpc.reflection.v1alpha.ServerReflection",
         ]
         described = grpcurl(address, "describe", "disposition.v1.UpdateDispositionStatusRequest")
-        assert "optional string disposition_status = 2;" in described.stdout
+        assert "optional string disposition_status = 2 [" in described.stdout  # its options next
+        assert "(.disposition.v1.rules)" in described.stdout
         headers = [
             "-H", f"x-api-key: {creds['api_key']}", "-H", f"x-api-secret: {creds['api_secret']}",
             "-H", "x-tenant-id: tenant1", "-H", "x-sub-tenant-id: subtenant1",

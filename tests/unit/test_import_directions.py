@@ -54,7 +54,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "settings": set(),
     "package": set(),
-    "rules": {"records", "errors"},
+    "rules": {"api", "records", "errors"},
     "storage": {"records", "settings"},
     "runtime": {"records", "errors", "rules", "storage", "settings"},
     "usecases": {"records", "errors", "rules", "runtime", "storage"},
@@ -69,7 +69,7 @@ ALLOWED: dict[str, set[str]] = {
         "storage",
     },
     "admin": {"records", "errors", "settings", "usecases", "storage"},
-    "gateway": {"api", "errors"},
+    "gateway": {"api", "errors", "rules"},
     "devstack": {"settings", "storage", "usecases", "gateway"},
 }
 

@@ -1,4 +1,5 @@
-"""Unit tests for the pure rules: validation, rate limiting, credentials, settings, errors."""
+"""Unit tests for the pure rules: an update's declared limits, rate limiting, credentials,
+settings, errors (tests/unit/test_declared_rules.py has the rest of the declared limits)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import pytest
 from google.rpc import code_pb2, error_details_pb2
 
+from disposition.v1.disposition_service_pb2 import UpdateDispositionStatusRequest
 from server.errors import (
     MAX_DESCRIPTION_BYTES,
     MAX_FIELD_BYTES,
@@ -15,19 +17,17 @@ from server.errors import (
     RateLimited,
     ValidationFailed,
 )
-from server.rules import validation
+from server.rules import declared
 from server.rules.credentials import hash_secret, new_api_key, new_api_secret, secret_matches
 from server.runtime.ratelimit import InProcessRateLimiter, Quota
 from server.settings import Settings, SettingsError
-from server.usecases.dispositions import validate_update
 
 
 def problems(customer_id: str, status: str | None) -> list[tuple[str, str]]:
-    try:
-        validate_update(customer_id, status)
-    except ValidationFailed as error:
-        return error.violations
-    return []
+    request = UpdateDispositionStatusRequest(customer_id=customer_id)
+    if status is not None:
+        request.disposition_status = status
+    return declared.check(request)
 
 
 @pytest.mark.parametrize(
@@ -66,39 +66,6 @@ def test_update_rules(
     customer_id: str, status: str | None, expected: list[tuple[str, str]]
 ) -> None:
     assert problems(customer_id, status) == expected
-
-
-@pytest.mark.parametrize(
-    ("value", "valid"),
-    [
-        ("2026-11-26T09:30:00Z", True),
-        ("2026-11-26T09:30:00.123456+00:00", True),
-        ("2026-11-26T09:30:00", False),  # no offset: ambiguous
-        ("2026-11-26T09:30:00+01:00", False),
-        ("2026-11-26", False),
-        ("26/11/2026 09:30", False),
-    ],
-)
-def test_utc_timestamps(value: str, valid: bool) -> None:
-    out: validation.Violations = []
-    assert (validation.utc_timestamp(out, "t", value) is not None) is valid
-    assert (out == []) is valid
-
-
-@pytest.mark.parametrize(
-    ("value", "valid"),
-    [
-        ("+14155550123", True),
-        ("+442071838750", True),
-        ("14155550123", False),
-        ("+0123", False),
-        ("+1 415 555", False),
-    ],
-)
-def test_e164(value: str, valid: bool) -> None:
-    out: validation.Violations = []
-    validation.e164(out, "n", value)
-    assert (out == []) is valid
 
 
 async def test_rate_limiter_fixed_window() -> None:
