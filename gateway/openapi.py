@@ -112,6 +112,11 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "description": "Whole seconds to wait before sending again",
         "schema": {"type": "integer", "minimum": 0},
     },
+    "IdempotentReplayed": {
+        "description": "`true` when the reply is the stored reply of an earlier request with the "
+        "same Idempotency-Key and body (nothing was applied again); absent otherwise",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
 }
 
 
@@ -132,6 +137,7 @@ _HEADER_NAMES = {
     "RateLimitReset": "RateLimit-Reset",
     "RateLimitPolicy": "RateLimit-Policy",
     "RetryAfter": "Retry-After",
+    "IdempotentReplayed": "idempotent-replayed",  # usecases/idempotency.REPLAYED_HEADER
 }
 
 
@@ -404,6 +410,10 @@ class _Builder:
         """The 200 reply: the response message, or a stream of them as Server-Sent Events."""
         reply = self.ref(method.output_type)
         headers = response_headers(200)
+        if method.name in IDEMPOTENT_METHODS:
+            headers[_HEADER_NAMES["IdempotentReplayed"]] = {
+                "$ref": "#/components/headers/IdempotentReplayed"
+            }
         if not method.server_streaming:
             return {
                 "description": "Success",

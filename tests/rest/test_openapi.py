@@ -166,3 +166,24 @@ def test_the_document_is_public_and_only_for_get(stack: Stack) -> None:
 def test_make_gen_writes_the_document_next_to_the_descriptor() -> None:
     written = Path(DEFAULT_DESCRIPTOR).parent / "openapi.json"
     assert json.loads(written.read_text()) == openapi.load(DEFAULT_DESCRIPTOR)
+
+
+def test_a_replayed_batch_carries_the_documented_replay_header(
+    stack: Stack, served: dict[str, Any]
+) -> None:
+    path = "/api/v1/partner/ingest/batch-call"
+    documented = served["paths"][path]["post"]["responses"]["200"]["headers"]
+    assert documented["idempotent-replayed"] == {"$ref": "#/components/headers/IdempotentReplayed"}
+    assert served["components"]["headers"]["IdempotentReplayed"]["schema"]["enum"] == ["true"]
+    body = json.dumps({"data": [batch_item("oa-replay-1", "oa-replay", "new")]}).encode()
+    headers = {**stack.partner.headers(), "Idempotency-Key": "oa-replay-key"}
+    first = call(stack.envoy.http_port, "POST", path, body, headers)
+    again = call(stack.envoy.http_port, "POST", path, body, headers)
+    assert (first.status, first.header("idempotent-replayed")) == (200, None)
+    assert (again.status, again.header("idempotent-replayed"), again.body) == (
+        200,
+        "true",
+        first.body,
+    )
+    unreplayed = served["paths"]["/api/v1/partner/dispositions"]["get"]["responses"]["200"]
+    assert "idempotent-replayed" not in unreplayed["headers"]
